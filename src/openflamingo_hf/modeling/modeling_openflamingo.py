@@ -1,0 +1,887 @@
+"""PyTorch OpenFlamingo: a vision tower, a Perceiver resampler and any causal LM with gated cross-attention.
+
+Reference: Alayrac et al., "Flamingo: a Visual Language Model for Few-Shot Learning" (2022), and Awadalla et al.,
+"OpenFlamingo: An Open-Source Framework for Training Large Autoregressive Vision-Language Models" (2023).
+
+How the gated cross-attention blocks get into an unmodified language model
+--------------------------------------------------------------------------
+The language model is any `AutoModelForCausalLM`, kept exactly as it is: its state-dict keys, module names and code
+are untouched, so base weights load as they are and PEFT targets the usual names. A gated block must run on the
+hidden states right before certain decoder layers, so each such layer gets a forward *pre-hook* (a standard PyTorch
+mechanism, registered once at construction). The hook itself holds no data: the conditioning of the current call
+(image keys/values, which image each token may see) lives in a `ContextVar` that `OpenFlamingoForConditionalGeneration.
+forward` sets for the duration of the language-model call and resets afterwards. Outside such a call the hooks do
+nothing, so `model.language_model` used on its own is the bare LM. transformers' `GradientCheckpointingLayer`
+checkpoints `forward`, not `__call__`, so the hooks run once, outside the recomputed region; the gated blocks are
+themselves `GradientCheckpointingLayer`s and get checkpointed on their own with explicit inputs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_openflamingo import OpenFlamingoConfig
+
+# Where to find the decoder-layer list of common architectures, tried before the generic search.
+KNOWN_DECODER_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, ...
+    "gpt_neox.layers",  # GPT-NeoX, RedPajama-INCITE, Pythia
+    "transformer.blocks",  # MPT, MosaicGPT
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "model.decoder.layers",  # OPT
+    "transformer.layers",
+    "model.language_model.layers",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perceiver resampler
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoFeedForward(nn.Module):
+    """Pre-LayerNorm MLP without biases: LayerNorm -> Linear(D, mult*D) -> GELU (exact) -> Linear(mult*D, D)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner_dim = dim * mult
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, inner_dim, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+class OpenFlamingoPerceiverAttention(nn.Module):
+    """Latents attend to [media; latents]: q from the latents, k and v from their concatenation through one `to_kv`."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner_dim = num_heads * head_dim
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            media: (batch * num_images, num_frames * num_patches, dim)
+            latents: (batch * num_images, num_latents, dim)
+        Returns:
+            (batch * num_images, num_latents, dim)
+        """
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = self._split_heads(self.to_q(latents))
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q, self._split_heads(k), self._split_heads(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class OpenFlamingoPerceiverLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ff_mult: int):
+        super().__init__()
+        self.attn = OpenFlamingoPerceiverAttention(dim, num_heads, head_dim)
+        self.ff = OpenFlamingoFeedForward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attn(media, latents) + latents
+        return self.ff(latents) + latents
+
+
+class OpenFlamingoPerceiverResampler(nn.Module):
+    """Turns each image's patch features (all frames together) into a fixed number of latent tokens."""
+
+    def __init__(self, config: OpenFlamingoConfig):
+        super().__init__()
+        dim = config.vision_hidden_size
+        self.latents = nn.Parameter(torch.randn(config.perceiver_num_latents, dim))
+        # Learned per-frame and per-image embeddings: optional, absent in every v2 release.
+        self.frame_embs = (
+            nn.Parameter(torch.randn(config.perceiver_max_num_frames, dim))
+            if config.perceiver_max_num_frames
+            else None
+        )
+        self.media_time_embs = (
+            nn.Parameter(torch.randn(config.perceiver_max_num_media, 1, dim))
+            if config.perceiver_max_num_media
+            else None
+        )
+        self.layers = nn.ModuleList(
+            OpenFlamingoPerceiverLayer(
+                dim, config.perceiver_num_heads, config.perceiver_head_dim, config.perceiver_ff_mult
+            )
+            for _ in range(config.perceiver_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features: (batch, num_images, num_frames, num_patches, dim) patch features of the vision tower.
+        Returns:
+            (batch, num_images, num_latents, dim)
+        """
+        batch_size, num_images, num_frames, num_patches, dim = features.shape
+        if self.frame_embs is not None:
+            features = features + self.frame_embs[:num_frames, None, :]
+        features = features.reshape(batch_size, num_images, num_frames * num_patches, dim)
+        if self.media_time_embs is not None:
+            features = features + self.media_time_embs[:num_images]
+        media = features.flatten(0, 1)
+        latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents).unflatten(0, (batch_size, num_images))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gated cross-attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoCrossAttention(nn.Module):
+    """Text tokens (queries) attend to image latents (keys/values), restricted by a media mask."""
+
+    def __init__(self, dim: int, vision_dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner_dim = num_heads * head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(vision_dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def project_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Keys and values of all latents of all images of each sample, computed once per sequence and reused at every
+        decoding step.
+
+        Args:
+            media: (batch, num_images, num_latents, vision_dim)
+        Returns:
+            key, value: each (batch, num_heads, num_images * num_latents, head_dim)
+        """
+        media = media.flatten(1, 2).to(self.to_kv.weight.dtype)
+        key, value = self.to_kv(media).chunk(2, dim=-1)
+        split = lambda x: x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # noqa: E731
+        return split(key), split(value)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor,
+        has_media: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: (batch, seq_len, dim)
+            key, value: (batch, num_heads, num_images * num_latents, head_dim) from `project_media`.
+            attn_mask: (batch, 1, seq_len, num_images * num_latents) bool, True where a token may attend.
+                Rows of tokens that see no image are all True (any finite values will do: they are zeroed below),
+                so the softmax never sees an all-masked row and cannot produce NaN.
+            has_media: (batch, seq_len, 1) bool, False for tokens that see no image.
+        Returns:
+            (batch, seq_len, dim); exactly zero at tokens that see no image.
+        """
+        query = self.to_q(self.norm(hidden_states))
+        query = query.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        return torch.where(has_media, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class GatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """
+    `x = x + tanh(attn_gate) * xattn(x, media); x = x + tanh(ff_gate) * ff(x)`.
+
+    Both gates start at zero, so a freshly built model computes exactly what its language model computes. Only the
+    attention half is masked by the media positions: the feed-forward half applies to every token.
+    """
+
+    def __init__(self, config: OpenFlamingoConfig, dim: int):
+        super().__init__()
+        self.attn = OpenFlamingoCrossAttention(
+            dim, config.vision_hidden_size, config.cross_attn_num_heads, config.cross_attn_head_dim
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = OpenFlamingoFeedForward(dim, config.cross_attn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        has_media: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: (batch, seq_len, dim) input of the decoder layer this block precedes.
+            key, value, attn_mask, has_media: see `OpenFlamingoCrossAttention.forward`; `None` when the input has no
+                image at all (then the attention half contributes nothing).
+        Returns:
+            (batch, seq_len, dim)
+        """
+        if key is not None:
+            attn_out = self.attn(hidden_states, key, value, attn_mask, has_media)
+            hidden_states = hidden_states + self.attn_gate.tanh() * attn_out
+        return hidden_states + self.ff_gate.tanh() * self.ff(hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conditioning of one forward call
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenFlamingoMediaCache:
+    """
+    What the gated blocks need about the images of a batch, computed once (at prefill) and reused at every decoding
+    step: each block's cross-attention keys/values and which image slots hold a real image.
+
+    Attributes:
+        key_values: layer index (str) -> (key, value), each (batch, num_heads, num_images * num_latents, head_dim).
+        image_mask: (batch, num_images) bool, False for padding slots of rows that have fewer images.
+        num_latents: latents per image.
+    """
+
+    key_values: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    image_mask: torch.Tensor
+    num_latents: int
+
+
+@dataclass
+class _CrossAttentionInputs:
+    """Per-call inputs of the gated blocks, visible to the pre-hooks through `_CROSS_ATTENTION_INPUTS`."""
+
+    blocks: nn.ModuleDict
+    media_cache: OpenFlamingoMediaCache | None
+    attn_mask: torch.Tensor | None  # (batch, 1, seq_len, num_images * num_latents)
+    has_media: torch.Tensor | None  # (batch, seq_len, 1)
+
+
+_CROSS_ATTENTION_INPUTS: contextvars.ContextVar[_CrossAttentionInputs | None] = contextvars.ContextVar(
+    "openflamingo_cross_attention_inputs", default=None
+)
+
+
+def _gated_cross_attention_pre_hook(layer_key: str, module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a decoder layer: runs its gated cross-attention block on the layer's input hidden states."""
+    inputs = _CROSS_ATTENTION_INPUTS.get()
+    if inputs is None or layer_key not in inputs.blocks:
+        return None  # the language model is being used on its own
+    block = inputs.blocks[layer_key]
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    device = block.ff_gate.device  # with device_map="auto" a block may live elsewhere than its decoder layer
+    key = value = attn_mask = has_media = None
+    if inputs.media_cache is not None:
+        key, value = (t.to(device) for t in inputs.media_cache.key_values[layer_key])
+        attn_mask, has_media = inputs.attn_mask.to(device), inputs.has_media.to(device)
+    out = block(hidden_states.to(device), key, value, attn_mask, has_media).to(hidden_states.device)
+    if args:
+        return (out, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": out}
+
+
+def find_decoder_layers(language_model: nn.Module, attr_name: str | None = None) -> tuple[str, nn.ModuleList]:
+    """
+    Locates the decoder-layer list of a causal LM.
+
+    Args:
+        language_model: the causal LM.
+        attr_name: dotted path of the list (e.g. `"model.layers"`); found automatically when `None`.
+    Returns:
+        (dotted path, the `nn.ModuleList`)
+    """
+    if attr_name is not None:
+        try:
+            layers = language_model.get_submodule(attr_name)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"decoder_layers_attr_name={attr_name!r} does not name an nn.ModuleList in "
+                f"{type(language_model).__name__}. Give the dotted path of its decoder-layer list, e.g. 'model.layers'."
+            )
+        return attr_name, layers
+
+    num_layers = getattr(language_model.config, "num_hidden_layers", None)
+    for path in KNOWN_DECODER_LAYER_PATHS:
+        try:
+            layers = language_model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
+            return path, layers
+
+    # Unknown architecture: the decoder layers are the one ModuleList of num_hidden_layers modules of a single class.
+    candidates = [
+        (name, module)
+        for name, module in language_model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and (num_layers is None or len(module) == num_layers)
+        and len({type(m) for m in module}) == 1
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(name for name, _ in candidates) or "none"
+    raise ValueError(
+        f"Could not find the decoder-layer list of {type(language_model).__name__} (num_hidden_layers={num_layers}; "
+        f"candidate nn.ModuleLists: {found}). Pass `decoder_layers_attr_name` (e.g. 'model.layers') in the "
+        "OpenFlamingoConfig or to from_backbones()."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(module_type: type) -> frozenset[str]:
+    parameters = inspect.signature(module_type.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return frozenset({"*"})
+    return frozenset(parameters)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss: (1,) shifted next-token cross-entropy (labels of -100 ignored), when `labels` is given.
+        logits: (batch, seq_len, vocab_size)
+        cache: the language model's KV cache.
+        hidden_states, attentions: as returned by the language model.
+        image_hidden_states: (batch, num_images, num_latents, vision_dim) Perceiver outputs, when images were
+            encoded in this call; pass them back as `image_features` to skip the vision tower.
+        media_cache: the gated blocks' image keys/values, to pass back (with `media_index`) when decoding further.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    media_cache: OpenFlamingoMediaCache | None = None
+
+
+class OpenFlamingoPreTrainedModel(PreTrainedModel):
+    config: OpenFlamingoConfig
+    config_class = OpenFlamingoConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GatedCrossAttentionBlock", "OpenFlamingoPerceiverLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, GatedCrossAttentionBlock):
+            # Zero gates: an untrained model equals its language model exactly.
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, OpenFlamingoPerceiverResampler):
+            # `transformers.initialization` leaves weights that were loaded from a checkpoint alone.
+            init.normal_(module.latents)
+            for embedding in (module.frame_embs, module.media_time_embs):
+                if embedding is not None:
+                    init.normal_(embedding)
+
+
+class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
+    """
+    OpenFlamingo: `vision_model` (any `AutoModel` vision tower), `perceiver` (Perceiver resampler), `language_model`
+    (any `AutoModelForCausalLM`) and `gated_cross_attn_layers` (a `GatedCrossAttentionBlock` before every N-th
+    decoder layer, keyed by that layer's index).
+
+    Images come as `pixel_values` of shape (batch, num_images, num_frames, 3, H, W) (5-D is read as one frame); each
+    `<image>` token in `input_ids` marks where the next image of its row goes. Rows with fewer `<image>` tokens than
+    `num_images` treat the remaining slots as padding.
+    """
+
+    def __init__(
+        self,
+        config: OpenFlamingoConfig,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.perceiver = OpenFlamingoPerceiverResampler(config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        _, decoder_layers = find_decoder_layers(self.language_model, config.decoder_layers_attr_name)
+        text_dim = config.get_text_config().hidden_size
+        self.gated_cross_attn_layers = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(config, text_dim)
+                for i in config.cross_attn_layer_indices(len(decoder_layers))
+            }
+        )
+        for layer_key in self.gated_cross_attn_layers:
+            decoder_layers[int(layer_key)].register_forward_pre_hook(
+                functools.partial(_gated_cross_attention_pre_hook, layer_key), with_kwargs=True
+            )
+        self.post_init()
+
+    # ---------------------------------------------------------------- embeddings, delegated to the language model
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # ---------------------------------------------------------------- construction from pretrained backbones
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model: str | PreTrainedModel,
+        language_model: str | PreTrainedModel,
+        cross_attn_every_n_layers: int = 1,
+        media_token_id: int | None = None,
+        eoc_token_id: int | None = None,
+        decoder_layers_attr_name: str | None = None,
+        vision_kwargs: dict | None = None,
+        language_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "OpenFlamingoForConditionalGeneration":
+        """
+        Builds a fresh OpenFlamingo (new Perceiver, new gated blocks with zero gates) around pretrained backbones.
+
+        Args:
+            vision_model: a vision model instance, or a name/path loaded with `AutoModel.from_pretrained`. A
+                composite checkpoint with a `vision_config` (e.g. a full CLIP) contributes its vision tower.
+            language_model: a causal LM instance, or a name/path loaded with `AutoModelForCausalLM.from_pretrained`.
+            cross_attn_every_n_layers: a gated block before every N-th decoder layer.
+            media_token_id, eoc_token_id: ids of `<image>` and `<|endofchunk|>` (see `OpenFlamingoProcessor`).
+            decoder_layers_attr_name: dotted path of the LM's decoder layers, when they cannot be found automatically.
+            vision_kwargs, language_kwargs: extra `from_pretrained` arguments for names/paths.
+            **config_kwargs: other `OpenFlamingoConfig` fields (Perceiver and cross-attention sizes, ...).
+        """
+        if isinstance(vision_model, str):
+            vision_model = _load_vision_tower(vision_model, **(vision_kwargs or {}))
+        elif getattr(vision_model.config, "vision_config", None) is not None:
+            vision_model = _extract_vision_tower(vision_model)
+        if isinstance(language_model, str):
+            language_model = AutoModelForCausalLM.from_pretrained(language_model, **(language_kwargs or {}))
+        config = OpenFlamingoConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            media_token_id=media_token_id,
+            eoc_token_id=eoc_token_id,
+            decoder_layers_attr_name=decoder_layers_attr_name,
+            **config_kwargs,
+        )
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        return model.to(language_model.dtype)
+
+    # ---------------------------------------------------------------- images
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(2)
+        channels = getattr(self.config.vision_config, "num_channels", 3)
+        if pixel_values.ndim != 6 or pixel_values.shape[3] != channels:
+            raise ValueError(
+                "pixel_values must have shape (batch, num_images, num_frames, "
+                f"{channels}, height, width) or (batch, num_images, {channels}, height, width); got "
+                f"{tuple(pixel_values.shape)}. Use OpenFlamingoProcessor to prepare images, or add the missing axes "
+                "(e.g. pixel_values[:, None, None] for one image per sample)."
+            )
+        return pixel_values
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        Vision tower (last-layer patch tokens, without the final post-layernorm, CLS dropped) and Perceiver.
+
+        Args:
+            pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
+        Returns:
+            (batch, num_images, num_latents, vision_dim)
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        batch_size, num_images, num_frames = pixel_values.shape[:3]
+        flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
+        # A frozen tower keeps no activations for backward.
+        vision_trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(vision_trainable):
+            features = self.vision_model(pixel_values=flat).last_hidden_state
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        features = features.unflatten(0, (batch_size, num_images, num_frames))
+        return self.perceiver(features.to(self.perceiver.latents.dtype))
+
+    def get_media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """
+        For each token, the 1-based number of the image it attends to: the count of `<image>` tokens at or before it
+        (0 before the first image).
+
+        Args:
+            input_ids: (batch, seq_len) the whole sequence so far.
+        Returns:
+            (batch, seq_len)
+        """
+        if self.config.media_token_id is None:
+            raise ValueError(
+                "config.media_token_id is not set, so <image> positions cannot be found. Set it to the id of the "
+                "<image> token (OpenFlamingoProcessor.image_token_id)."
+            )
+        return (input_ids == self.config.media_token_id).cumsum(dim=-1)
+
+    def get_image_mask(
+        self, input_ids: torch.LongTensor, num_images: int, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Which image slots of each row hold a real image, checked against the `<image>` tokens of the prompt.
+
+        Without `image_mask`, row b uses the first k_b slots, k_b being its number of `<image>` tokens; the other slots
+        are padding. With `image_mask`, each row's `<image>` count must equal its number of real images.
+
+        Args:
+            input_ids: (batch, seq_len) the prompt.
+            num_images: image slots per row.
+            image_mask: (batch, num_images) bool, optional.
+        Returns:
+            (batch, num_images) bool
+        """
+        counts = (input_ids == self.config.media_token_id).sum(dim=-1)
+        if image_mask is not None:
+            image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
+            if image_mask.shape != (input_ids.shape[0], num_images):
+                raise ValueError(
+                    f"image_mask must have shape (batch, num_images) = {(input_ids.shape[0], num_images)}; got "
+                    f"{tuple(image_mask.shape)}."
+                )
+            given = image_mask.sum(dim=-1)
+        else:
+            given = torch.full_like(counts, num_images)
+        for row in range(input_ids.shape[0]):
+            n_tokens, n_images = int(counts[row]), int(given[row])
+            if n_tokens > n_images:
+                raise ValueError(
+                    f"Sample {row} has {n_tokens} <image> tokens but only {n_images} images were given. Give one "
+                    "image per <image> token (pad rows with fewer images), or remove the extra tokens."
+                )
+            if image_mask is not None and n_tokens < n_images:
+                raise ValueError(
+                    f"Sample {row} has {n_images} images but only {n_tokens} <image> tokens. Put one <image> token "
+                    "where each image belongs."
+                )
+        if image_mask is None:
+            if int(counts.max()) < num_images:
+                raise ValueError(
+                    f"{num_images} images were given per sample but no sample has more than {int(counts.max())} "
+                    "<image> tokens, so some images would never be seen. Put one <image> token where each image "
+                    "belongs (OpenFlamingoProcessor does this)."
+                )
+            image_mask = torch.arange(num_images, device=input_ids.device)[None, :] < counts[:, None]
+        return image_mask
+
+    def build_media_cache(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> OpenFlamingoMediaCache:
+        """
+        Each gated block's keys/values over all latents of all images of each sample.
+
+        Args:
+            image_features: (batch, num_images, num_latents, vision_dim) from `get_image_features`.
+            image_mask: (batch, num_images) bool, from `get_image_mask`.
+        """
+        key_values = {
+            layer_key: block.attn.project_media(image_features.to(block.ff_gate.device))
+            for layer_key, block in self.gated_cross_attn_layers.items()
+        }
+        return OpenFlamingoMediaCache(key_values, image_mask, num_latents=image_features.shape[2])
+
+    def _cross_attention_mask(
+        self, media_index: torch.LongTensor, media_cache: OpenFlamingoMediaCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            media_index: (batch, seq_len) 1-based image number each token attends to (see `get_media_index`).
+        Returns:
+            attn_mask: (batch, 1, seq_len, num_images * num_latents) bool
+            has_media: (batch, seq_len, 1) bool
+        """
+        image_mask = media_cache.image_mask.to(media_index.device)
+        num_images = image_mask.shape[1]
+        key_image = torch.arange(1, num_images + 1, device=media_index.device)  # 1-based, like media_index
+        if self.config.only_attend_immediate_media:
+            visible = key_image[None, None, :] == media_index[:, :, None]
+        else:
+            visible = key_image[None, None, :] <= media_index[:, :, None]
+        # Padding slots are never attended, not even by an <image> token generated beyond the images given.
+        visible = visible & image_mask[:, None, :]
+        has_media = visible.any(dim=-1, keepdim=True)
+        visible = visible.repeat_interleave(media_cache.num_latents, dim=-1)
+        attn_mask = visible | ~has_media
+        return attn_mask[:, None], has_media
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        media_index: torch.LongTensor | None = None,
+        media_cache: OpenFlamingoMediaCache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> OpenFlamingoCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: (batch, seq_len) token ids; `<image>` tokens mark where images go.
+            pixel_values: (batch, num_images, num_frames, 3, H, W) or (batch, num_images, 3, H, W).
+            attention_mask: (batch, seq_len) 1 for real tokens, 0 for padding.
+            position_ids, cache, inputs_embeds, use_cache, logits_to_keep: as for the language model.
+            labels: (batch, seq_len) targets; the loss is the shifted cross-entropy, -100 ignored.
+            image_features: (batch, num_images, num_latents, vision_dim), instead of `pixel_values`.
+            image_mask: (batch, num_images) bool, which image slots are real; by default each row's first k slots,
+                k its number of `<image>` tokens.
+            media_index: (batch, seq_len) 1-based number of the image each token attends to; derived from
+                `input_ids` when omitted (then `input_ids` must be the whole sequence). Needed when continuing from
+                a `cache`.
+            media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
+                recomputing them from images.
+        """
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        has_images = pixel_values is not None or image_features is not None or media_cache is not None
+        continuing = cache is not None and cache.get_seq_length() > 0
+
+        if media_index is None:
+            if input_ids is None:
+                if has_images:
+                    raise ValueError("With inputs_embeds instead of input_ids, pass media_index to place the images.")
+            elif continuing and has_images:
+                raise ValueError(
+                    "When decoding from a cache with images, pass media_index for the new tokens (the image number "
+                    "each attends to: model.get_media_index(full_input_ids)[:, -num_new_tokens:]), or use generate()."
+                )
+            elif self.config.media_token_id is not None or has_images:
+                media_index = self.get_media_index(input_ids)
+                if not has_images and not continuing and bool((media_index[:, -1] > 0).any()):
+                    raise ValueError(
+                        "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per "
+                        "<image> token) or remove the <image> tokens."
+                    )
+
+        image_hidden_states = None
+        if media_cache is None and (pixel_values is not None or image_features is not None):
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values)
+            image_hidden_states = image_features
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if image_features.ndim != 4 or image_features.shape[0] != batch_size:
+                raise ValueError(
+                    f"Images are given for {image_features.shape[0]} samples but the text has {batch_size}: give one "
+                    "list of images per sample (image_features must be (batch, num_images, num_latents, dim))."
+                )
+            if image_mask is None and input_ids is None:
+                raise ValueError("With inputs_embeds instead of input_ids, pass image_mask to say which images exist.")
+            if input_ids is not None:
+                image_mask = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
+            media_cache = self.build_media_cache(image_features, image_mask.bool())
+
+        attn_mask = has_media = None
+        if media_cache is not None:
+            attn_mask, has_media = self._cross_attention_mask(media_index, media_cache)
+
+        lm_kwargs = dict(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            labels=labels,
+            **kwargs,
+        )
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Positions count real tokens only, so a left-padded row is positioned as if it were alone (what
+            # generate() does too); the mask covers cached tokens as well, hence the slice.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids[:, -(input_ids if input_ids is not None else inputs_embeds).shape[1] :]
+        accepted = _forward_parameters(type(self.language_model))
+        for name, value in (("position_ids", position_ids), ("logits_to_keep", logits_to_keep)):
+            if value is not None and ("*" in accepted or name in accepted):
+                lm_kwargs[name] = value
+
+        token = _CROSS_ATTENTION_INPUTS.set(
+            _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, attn_mask, has_media)
+        )
+        try:
+            outputs = self.language_model(**lm_kwargs, return_dict=True)
+        finally:
+            _CROSS_ATTENTION_INPUTS.reset(token)
+
+        output = OpenFlamingoCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.get("cache"),
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            image_hidden_states=image_hidden_states,
+            media_cache=media_cache,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """
+        `GenerationMixin.generate` (greedy, sampling, beam search, ...) with images.
+
+        Images are encoded once, before beams/`num_return_sequences` copy the batch, and each gated block's
+        keys/values are computed once at prefill; every later step only reads them. Stops at `<|endofchunk|>` when
+        the generation config says so (`eos_token_id`).
+        """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
+            if input_ids is None:
+                raise ValueError("generate() with images needs input_ids holding one <image> token per image.")
+            if image_features.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"Images are given for {image_features.shape[0]} samples but the text has {input_ids.shape[0]}."
+                )
+            kwargs["image_features"] = image_features
+            kwargs["image_mask"] = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
+        elif input_ids is not None and self.config.media_token_id is not None:
+            if bool((input_ids == self.config.media_token_id).any()):
+                raise ValueError(
+                    "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per "
+                    "<image> token) or remove the <image> tokens."
+                )
+        return super().generate(input_ids, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        media_cache: OpenFlamingoMediaCache | None = None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # Which image each new token attends to follows from the whole sequence so far (prompt and generated tokens),
+        # so nothing about earlier steps needs to be remembered.
+        if self.config.media_token_id is not None:
+            step_ids = model_inputs.get("input_ids")
+            step_len = step_ids.shape[1] if step_ids is not None else model_inputs["inputs_embeds"].shape[1]
+            model_inputs["media_index"] = self.get_media_index(input_ids)[:, -step_len:]
+        if media_cache is not None:
+            model_inputs["media_cache"] = media_cache
+        elif image_features is not None:
+            model_inputs["image_features"] = image_features
+            model_inputs["image_mask"] = image_mask
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if getattr(outputs, "media_cache", None) is not None:
+            model_kwargs["media_cache"] = outputs.media_cache
+        return model_kwargs
+
+
+def _extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
+    """The vision tower of a composite model (e.g. `CLIPModel`) as a standalone model with the same weights."""
+    tower = AutoModel.from_config(model.config.vision_config)
+    source = model.state_dict()
+    target_keys = list(tower.state_dict())
+    # The tower's weights sit under some prefix of the composite model (`vision_model.` for CLIP): find the one
+    # prefix under which every tower weight exists.
+    prefixes = {k[: -len(target_keys[0])] for k in source if k.endswith(target_keys[0])}
+    for prefix in sorted(prefixes, key=len):
+        if all(prefix + k in source for k in target_keys):
+            tower.load_state_dict({k: source[prefix + k] for k in target_keys})
+            return tower.to(model.dtype)
+    raise ValueError(
+        f"Cannot take the vision tower out of {type(model).__name__}: no prefix holds all of the weights of "
+        f"{type(tower).__name__}. Pass the vision model itself (e.g. a CLIPVisionModel)."
+    )
+
+
+def _load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None:
+        # A composite checkpoint (e.g. openai/clip-vit-large-patch14): load only its vision tower.
+        return AutoModel.from_pretrained(name_or_path, config=vision_config, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+__all__ = [
+    "GatedCrossAttentionBlock",
+    "OpenFlamingoForConditionalGeneration",
+    "OpenFlamingoMediaCache",
+    "OpenFlamingoPerceiverResampler",
+    "OpenFlamingoPreTrainedModel",
+    "find_decoder_layers",
+]
