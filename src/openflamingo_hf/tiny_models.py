@@ -16,7 +16,7 @@ TINY_EOC_TOKEN_ID = 62
 TINY_PAD_TOKEN_ID = 63
 TINY_EOS_TOKEN_ID = 0
 
-TEXT_FAMILIES = ("llama", "gpt_neox", "mpt", "opt", "gpt2")
+TEXT_FAMILIES = ("llama", "gpt_neox", "mpt", "opt", "gpt2", "mosaic_gpt")
 
 
 def tiny_text_config(family: str = "llama", vocab_size: int = TINY_VOCAB_SIZE, num_layers: int = 4, **overrides):
@@ -32,6 +32,13 @@ def tiny_text_config(family: str = "llama", vocab_size: int = TINY_VOCAB_SIZE, n
     elif family == "mpt":
         kwargs = dict(d_model=64, n_heads=4, n_layers=num_layers, expansion_ratio=2, max_seq_len=256,
                       no_bias=True)
+    elif family == "mosaic_gpt":
+        from .modeling.configuration_mosaic_gpt import MosaicGPTConfig
+
+        kwargs = dict(d_model=64, n_heads=4, n_layers=num_layers, mlp_ratio=4, max_seq_len=256)
+        kwargs.update(common)
+        kwargs.update(overrides)
+        return MosaicGPTConfig(**kwargs)
     elif family == "opt":
         kwargs = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=num_layers, num_attention_heads=4,
                       max_position_embeddings=256, word_embed_proj_dim=64)
