@@ -1,16 +1,15 @@
 """OpenFlamingo as a native Hugging Face transformers model.
 
 Importing this package registers the OpenFlamingo classes with the transformers Auto classes
-(`AutoConfig`, `AutoModelForImageTextToText`) and the MPT-1B ("MosaicGPT") language model
+(`AutoConfig`, `AutoModelForImageTextToText`, `AutoProcessor`) and the MPT-1B ("MosaicGPT") language model
 with `AutoConfig` / `AutoModelForCausalLM`.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.configuration_mosaic_gpt import MosaicGPTConfig
 from .modeling.configuration_openflamingo import OpenFlamingoConfig
 from .modeling.modeling_mosaic_gpt import MosaicGPTForCausalLM, MosaicGPTModel
-from .modeling.modeling_mosaic_gpt import register as _register_mosaic_gpt
 from .modeling.modeling_openflamingo import (
     GatedCrossAttentionBlock,
     OpenFlamingoForConditionalGeneration,
@@ -19,10 +18,11 @@ from .modeling.modeling_openflamingo import (
     OpenFlamingoPreTrainedModel,
     find_decoder_layers,
 )
+from .processing.processing_openflamingo import OpenFlamingoProcessor
 
-_register_mosaic_gpt()  # MPT-1B of the 3B releases: AutoConfig "mosaic_gpt" + AutoModelForCausalLM
 AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(OpenFlamingoConfig, OpenFlamingoProcessor, exist_ok=True)
 
 __all__ = [
     "GatedCrossAttentionBlock",
@@ -34,6 +34,7 @@ __all__ = [
     "OpenFlamingoMediaCache",
     "OpenFlamingoPerceiverResampler",
     "OpenFlamingoPreTrainedModel",
+    "OpenFlamingoProcessor",
     "find_decoder_layers",
 ]
 __version__ = "0.1.0"

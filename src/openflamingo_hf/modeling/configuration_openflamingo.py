@@ -6,6 +6,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_mosaic_gpt import MosaicGPTConfig
+
+# The 3B releases' language model is MosaicGPT; a text_config of that type must resolve wherever this config is read
+# (also from a trust_remote_code folder, where this file travels together with configuration_mosaic_gpt.py).
+AutoConfig.register("mosaic_gpt", MosaicGPTConfig, exist_ok=True)
+
 # OpenAI CLIP ViT-L/14 at 224 px: the vision tower of every released OpenFlamingo v2 model.
 CLIP_VIT_L_14 = {
     "hidden_size": 1024,

@@ -33,6 +33,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_openflamingo import OpenFlamingoConfig
+from .modeling_mosaic_gpt import register as _register_mosaic_gpt
+
+# MosaicGPT (MPT-1B, the 3B releases' LM) must be buildable by AutoModelForCausalLM wherever this file is imported,
+# including from a trust_remote_code folder.
+_register_mosaic_gpt()
 
 # Where to find the decoder-layer list of common architectures, tried before the generic search.
 KNOWN_DECODER_LAYER_PATHS = (

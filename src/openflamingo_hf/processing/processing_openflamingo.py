@@ -1,0 +1,590 @@
+# Copyright 2024 The OpenFlamingo authors and the openflamingo_hf contributors.
+# Licensed under the MIT License.
+"""
+Processor class for OpenFlamingo: a CLIP image processor plus the language model's tokenizer.
+
+OpenFlamingo reads interleaved images and text. The text carries one `<image>` marker per image, in order, and
+`<|endofchunk|>` closes the text that belongs to an image (it is also the generation stop token):
+
+    "<image>Output:a cat<|endofchunk|><image>Output:"   # one few-shot demonstration, then the query
+
+Unlike LLaVA-style processors, the marker is *not* expanded into one placeholder per visual token: the model
+attends to the images through gated cross-attention, and the marker only tells each text token which image is the
+latest one before it. The processor therefore keeps the markers as they are, and returns the images as a padded
+`(batch_size, max_num_images, num_frames=1, 3, height, width)` tensor next to `input_ids` / `attention_mask`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import BatchFeature, PreTrainedTokenizerBase
+from transformers.image_utils import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageInput,
+    PILImageResampling,
+    is_valid_image,
+    load_image,
+)
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
+from transformers.utils import is_torchvision_available, logging, to_py_obj
+from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START
+
+# No import from the rest of the package: this file is also shipped alone in trust_remote_code Hub folders.
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_EOC_TOKEN = "<|endofchunk|>"
+DEFAULT_PAD_TOKEN = "<PAD>"
+CHAT_TEMPLATE_RESOURCE = "chat_template.jinja"
+
+
+def load_default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN, eoc_token: str = DEFAULT_EOC_TOKEN) -> str:
+    """
+    The OpenFlamingo chat template shipped with this package (`chat_template.jinja` next to this module), with the
+    given marker and end-of-chunk tokens written into it.
+    """
+    template = resources.files(__package__).joinpath(CHAT_TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+    # The tokens are written into the template rather than passed as render variables: with
+    # `apply_chat_template(..., sanitize_control_tokens=True)` render variables count as user input and their
+    # control tokens would be neutralised, while the template's own text is trusted.
+    for default, token in ((DEFAULT_IMAGE_TOKEN, image_token), (DEFAULT_EOC_TOKEN, eoc_token)):
+        if token != default:
+            template = template.replace(f"'{default}'", json.dumps(token))
+    return template
+
+
+def default_image_processor():
+    """
+    The image preprocessing of every released OpenFlamingo model: OpenAI CLIP at 224 px (resize the shortest side to
+    224 with bicubic resampling, center crop 224x224, rescale to [0, 1], normalize with the OpenAI CLIP mean/std).
+
+    Returns transformers' `CLIPImageProcessor` (torchvision backend) when torchvision is installed, else its PIL
+    backend `CLIPImageProcessorPil`; both save as `"image_processor_type": "CLIPImageProcessor"`.
+    """
+    # Pick the backend explicitly: `transformers.CLIPImageProcessor` falls back to the PIL backend by itself when
+    # torchvision is missing, but warns every time it does.
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor as image_processor_class
+    else:
+        from transformers import CLIPImageProcessorPil as image_processor_class
+    return image_processor_class(
+        do_resize=True,
+        size={"shortest_edge": 224},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+class OpenFlamingoProcessorKwargs(ProcessingKwargs, total=False):
+    pass
+
+
+class OpenFlamingoProcessor(ProcessorMixin):
+    r"""
+    Constructs an OpenFlamingo processor: a CLIP image processor and the language model's tokenizer in one object.
+
+    On creation the processor makes sure the tokenizer knows OpenFlamingo's special tokens, adding what is missing
+    the way the original OpenFlamingo code did (the tokenizer is modified in place):
+
+    1. `[eoc_token, image_token]` as extra (additional) special tokens, in that order;
+    2. then, only if the tokenizer has no pad token, `pad_token` as its pad token.
+
+    For the GPT-NeoX-20B tokenizer (50277 entries) this gives `<|endofchunk|>` = 50277, `<image>` = 50278 and
+    `<PAD>` = 50279. Never hard-code these ids: read `image_token_id`, `eoc_token_id` and
+    `tokenizer.pad_token_id`, and use [`~OpenFlamingoProcessor.update_model_config`] to copy them into a model
+    config.
+
+    Args:
+        image_processor ([`CLIPImageProcessor`], *optional*):
+            Image processor. Defaults to OpenAI CLIP preprocessing at 224 px (see `default_image_processor`).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The language model's tokenizer. Required.
+        chat_template (`str`, *optional*):
+            Jinja chat template. Defaults to the OpenFlamingo template shipped with this package, which writes an
+            image block as `<image>`, text verbatim, and closes every finished assistant turn with
+            `<|endofchunk|>`; the generation prompt adds nothing.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The marker that stands for one image in the text.
+        eoc_token (`str`, *optional*, defaults to `"<|endofchunk|>"`):
+            The end-of-chunk token: closes the text that belongs to an image; the generation stop token.
+        pad_token (`str`, *optional*, defaults to `"<PAD>"`):
+            Pad token added when the tokenizer has none.
+    """
+
+    valid_processor_kwargs = OpenFlamingoProcessorKwargs
+    # Pad to the longest row by default, so that `return_tensors="pt"` works on a batch out of the box.
+    text_kwargs = {"padding": "longest"}
+    # Left padding keeps every prompt flush with the position where generation starts. It is applied in `__call__`
+    # (not here) because in `_merge_kwargs` a `padding_side` saved in the tokenizer's init kwargs outranks processor
+    # defaults.
+    default_padding_side = "left"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        eoc_token: str = DEFAULT_EOC_TOKEN,
+        pad_token: str = DEFAULT_PAD_TOKEN,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError(
+                "OpenFlamingoProcessor needs the language model's tokenizer, e.g. "
+                "`OpenFlamingoProcessor(tokenizer=AutoTokenizer.from_pretrained(...))`."
+            )
+        if image_processor is None:
+            image_processor = default_image_processor()
+        if chat_template is None:
+            chat_template = load_default_chat_template(image_token, eoc_token)
+
+        self.image_token = image_token
+        self.eoc_token = eoc_token
+        self.pad_token = pad_token
+        self._ensure_special_tokens(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(eoc_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def _ensure_special_tokens(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Adds the marker, end-of-chunk and pad tokens that the tokenizer lacks, in the original's order."""
+        # `replace_extra_special_tokens=False` extends the tokenizer's extra special tokens instead of replacing them
+        # (which would stop skipping its own ones when decoding), and skips tokens that are already there, so that
+        # re-creating the processor from a saved tokenizer adds nothing.
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [self.eoc_token, self.image_token]}, replace_extra_special_tokens=False
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": self.pad_token})
+
+        for token in (self.image_token, self.eoc_token):
+            ids = tokenizer.encode(token, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(
+                    f"The tokenizer encodes {token!r} as {len(ids)} tokens {ids}, but OpenFlamingo needs it to be a "
+                    "single token. Add it to the tokenizer as a special token (`tokenizer.add_special_tokens(...)`) "
+                    "before building the processor."
+                )
+
+    def _count_markers(self, text: str) -> int:
+        """Number of `<image>` markers in `text`."""
+        # Occurrences that `apply_chat_template(..., sanitize_control_tokens=True)` wrapped in control markers are
+        # user-written text, encoded as plain text: they are not image markers.
+        return len(re.findall(f"(?<!{_CONTROL_TOKEN_START}){re.escape(self.image_token)}", text))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model config
+    # ------------------------------------------------------------------------------------------------------------
+
+    def update_model_config(self, config: OpenFlamingoConfig, set_vocab_size: bool = False) -> int:
+        """
+        Makes an [`OpenFlamingoConfig`] consistent with this processor's tokenizer, in place.
+
+        Sets `config.media_token_id` (the `<image>` id), `config.eoc_token_id` (the `<|endofchunk|>` id) and
+        `config.text_config.pad_token_id` (where transformers 5 keeps the language model's token ids; generation
+        reads them from there).
+
+        Args:
+            config (`OpenFlamingoConfig`):
+                The config to update.
+            set_vocab_size (`bool`, *optional*, defaults to `False`):
+                If `True` and `config.text_config.vocab_size` is smaller than the tokenizer, raise it to
+                `len(tokenizer)`. Use this when building a model from the config; for a pretrained model keep it
+                `False` and call `model.resize_token_embeddings(n)` with the returned `n` instead.
+
+        Returns:
+            `int`: the number of embedding rows the language model needs, `len(tokenizer)`. A model whose
+            `text_config.vocab_size` is smaller must be resized (`model.resize_token_embeddings(n)`).
+        """
+        num_embeddings = len(self.tokenizer)
+        config.media_token_id = self.image_token_id
+        config.eoc_token_id = self.eoc_token_id
+        config.text_config.pad_token_id = self.tokenizer.pad_token_id
+        vocab_size = getattr(config.text_config, "vocab_size", None)
+        if set_vocab_size and (vocab_size is None or vocab_size < num_embeddings):
+            config.text_config.vocab_size = num_embeddings
+        elif vocab_size is not None and vocab_size < num_embeddings:
+            logger.warning(
+                f"The language model has {vocab_size} embeddings but the tokenizer has {num_embeddings} tokens: "
+                f"call `model.resize_token_embeddings({num_embeddings})` before using the model."
+            )
+        return num_embeddings
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Encoding
+    # ------------------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[OpenFlamingoProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        Prepares interleaved images and text for the model.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or (nested) lists of them, *optional*):
+                One image, a list of images for one sample, or a list of lists (one list per sample) for a batch.
+                Arrays and tensors may be `(H, W, C)` or `(C, H, W)`. A string is read as an image file path (or an
+                http(s) URL / base64 data, through `transformers.image_utils.load_image`). A flat list given with
+                a batch of texts is split over the samples in order, by their `<image>` counts; if no text has a
+                marker and there is one image per text, each sample gets one image.
+            text (`str` or `list[str]`, *optional*):
+                One text or a batch; `<image>` marks where each image goes, in order.
+            padding, truncation, max_length, padding_side, return_tensors, ...:
+                Tokenizer arguments. Padding defaults to `"longest"` and `padding_side` to `"left"` (prompts for
+                generation); pass `padding_side="right"` for training.
+
+        Rules:
+            - Each sample needs exactly as many `<image>` markers as images, else `ValueError` (naming the sample).
+            - A text with no marker but with images gets one marker per image prepended (the image comes first, as
+              in captioning): `text="A cat"`, one image -> `"<image>A cat"`.
+            - Images without text: each sample's text is one `<image>` per image (the zero-shot captioning prompt).
+            - Truncation must not separate a marker from its image: if truncating to `max_length` would cut a
+              marker, a `ValueError` says which sample, its length, and what to do.
+
+        Returns:
+            [`BatchFeature`] with:
+            - **input_ids** -- `(batch_size, sequence_length)` token ids.
+            - **attention_mask** -- `(batch_size, sequence_length)`, 0 on padding.
+            - **pixel_values** -- `(batch_size, max_num_images, 1, 3, height, width)`, float; rows with fewer images
+              are padded with all-zero images (a row without images is all zeros). Absent when no sample has images.
+        """
+        # `_merge_kwargs` ranks `padding_side` from the tokenizer's init kwargs above processor defaults, so the
+        # left-padding default has to be applied here, where only an explicit user choice can override it.
+        if "padding_side" not in kwargs and "padding_side" not in kwargs.get("text_kwargs", {}):
+            kwargs["padding_side"] = self.default_padding_side
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def prepare_inputs_layout(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[OpenFlamingoProcessorKwargs],
+    ) -> tuple[list[list[Any]] | None, list[str], None, None]:
+        """
+        Normalizes the inputs to `(images, text, None, None)`: `text` a list of `batch_size` strings, `images` a list
+        of `batch_size` lists of loaded images (`None` when there is no image at all). Applies the no-marker and
+        image-only rules and reads image paths.
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("OpenFlamingoProcessor handles images and text only; got `videos` or `audio`.")
+        if images is None and text is None:
+            raise ValueError("OpenFlamingoProcessor needs `images`, `text`, or both.")
+
+        texts = None if text is None else self._as_text_list(text)
+        rows = None if images is None else self._split_images(images, texts)
+
+        if texts is None:
+            # Image-only call: the zero-shot caption prompt, one marker per image.
+            texts = [self.image_token * len(row) for row in rows]
+        elif rows is not None:
+            for idx, (sample, row) in enumerate(zip(texts, rows)):
+                if row and self._count_markers(sample) == 0:
+                    # Images but no markers: the images come first, as in captioning.
+                    texts[idx] = self.image_token * len(row) + sample
+
+        if rows is not None:
+            rows = [
+                [self._load_image(image, sample_idx, image_idx) for image_idx, image in enumerate(row)]
+                for sample_idx, row in enumerate(rows)
+            ]
+            if not any(rows):
+                rows = None
+        return rows, texts, None, None
+
+    @staticmethod
+    def _as_text_list(text: TextInput | list[TextInput]) -> list[str]:
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, (list, tuple)) and all(isinstance(sample, str) for sample in text):
+            if len(text) == 0:
+                raise ValueError("`text` is an empty list; pass at least one string.")
+            return list(text)
+        raise TypeError(
+            f"`text` must be a string or a list of strings with `<image>` markers, got {type(text).__name__}"
+            + (f" of {sorted({type(s).__name__ for s in text})}" if isinstance(text, (list, tuple)) else "")
+            + ". Pre-tokenized input is not supported: pass the raw text."
+        )
+
+    @staticmethod
+    def _is_image_list(images: Any) -> bool:
+        # A 4-D array / tensor is a stack of images, as everywhere in transformers.
+        return isinstance(images, (list, tuple)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        )
+
+    def _split_images(self, images: Any, texts: list[str] | None) -> list[list[Any]]:
+        """Turns the accepted `images` layouts into one list of images per sample."""
+        if not self._is_image_list(images):
+            images = [images]
+        images = list(images)
+
+        is_nested = any(self._is_image_list(item) or item is None for item in images)
+        if is_nested:
+            rows = [[] if item is None else (list(item) if self._is_image_list(item) else [item]) for item in images]
+            if texts is not None and len(rows) != len(texts):
+                raise ValueError(
+                    f"Got {len(rows)} lists of images for {len(texts)} texts. Pass one list of images per text "
+                    "(an empty list for a text without images)."
+                )
+            for sample_idx, row in enumerate(rows):
+                for image_idx, item in enumerate(row):
+                    if self._is_image_list(item):
+                        raise ValueError(
+                            f"Sample {sample_idx}, image {image_idx} is itself a list of images: images may be "
+                            "nested at most two levels deep (a list of lists, one list per sample)."
+                        )
+            return rows
+
+        # A flat list: one sample's images, or the images of a batch of texts in order.
+        if texts is None or len(texts) == 1:
+            return [images]
+        counts = [self._count_markers(sample) for sample in texts]
+        if sum(counts) == 0:
+            if len(images) == len(texts):
+                return [[image] for image in images]
+            raise ValueError(
+                f"Got {len(images)} images for {len(texts)} texts without `{self.image_token}` markers: either pass "
+                "one image per text, or a list of lists (one list per text), or put the markers in the texts."
+            )
+        rows, start = [], 0
+        for sample_idx, count in enumerate(counts):
+            row = images[start : start + count]
+            if len(row) != count:
+                raise ValueError(
+                    f"Sample {sample_idx} has {_plural(count, f'`{self.image_token}` marker')} but only "
+                    f"{_plural(len(row), 'image')} left for it: the texts have {sum(counts)} markers in total "
+                    f"({counts} per sample) and {len(images)} images were given. Pass as many images as markers, or "
+                    "a list of lists (one list per text)."
+                )
+            rows.append(row)
+            start += count
+        if start != len(images):
+            raise ValueError(
+                f"The texts have {sum(counts)} `{self.image_token}` markers in total ({counts} per sample) but "
+                f"{len(images)} images were given. Pass as many images as markers, or a list of lists (one list "
+                "per text)."
+            )
+        return rows
+
+    def _load_image(self, image: Any, sample_idx: int, image_idx: int) -> Any:
+        """Reads a path / URL / base64 string into a PIL image and checks the type of everything else."""
+        where = f"Sample {sample_idx}, image {image_idx}"
+        if isinstance(image, os.PathLike):
+            image = os.fspath(image)
+        if isinstance(image, str):
+            try:
+                return load_image(image)
+            except Exception as error:
+                shown = image if len(image) <= 120 else image[:120] + "..."
+                if image.startswith(("http://", "https://")):
+                    reason = f"could not download {shown!r} ({type(error).__name__}: {error})"
+                elif os.path.isfile(image):
+                    reason = f"{shown!r} exists but is not a readable image file ({type(error).__name__}: {error})"
+                else:
+                    reason = f"there is no image file at {shown!r} (and it is not base64 image data)"
+                raise ValueError(
+                    f"{where}: {reason}. Pass the path of a readable image file, an http(s) URL, base64 image "
+                    "data, or a PIL image."
+                ) from error
+        if not is_valid_image(image):
+            raise TypeError(
+                f"{where}: unsupported image type {type(image).__module__}.{type(image).__qualname__}. Pass a "
+                "PIL.Image.Image, a numpy array or torch tensor of shape (H, W, C) or (C, H, W), or a path to an "
+                "image file."
+            )
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim not in (2, 3):
+            raise ValueError(
+                f"{where}: an image array must have 2 or 3 dimensions ((H, W), (H, W, C) or (C, H, W)), got shape "
+                f"{tuple(image.shape)}."
+            )
+        return image
+
+    def validate_inputs(
+        self,
+        images: list[list[Any]] | None = None,
+        text: list[str] | None = None,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[OpenFlamingoProcessorKwargs],
+    ) -> None:
+        """Checks, per sample, that the number of `<image>` markers equals the number of images."""
+        num_images = [len(row) for row in images] if images is not None else [0] * len(text)
+        for sample_idx, (sample, count) in enumerate(zip(text, num_images)):
+            num_markers = self._count_markers(sample)
+            if num_markers != count:
+                raise ValueError(
+                    f"Sample {sample_idx} has {_plural(num_markers, f'`{self.image_token}` marker')} in its text but "
+                    f"{_plural(count, 'image')}. Each image needs exactly one marker where it goes in the text: add "
+                    "or remove markers, or pass the matching images."
+                )
+
+    def _process_images(self, images: list[list[Any]], **kwargs) -> tuple[dict[str, Any], list[str]]:
+        """
+        Runs the image processor on all images at once and lays them out as
+        `(batch_size, max_num_images, 1, 3, height, width)`, zero-padding rows with fewer images.
+
+        Returns `({"pixel_values": ...}, [])`: no marker replacement, OpenFlamingo keeps one marker per image.
+        """
+        return_tensors = kwargs.pop("return_tensors", None)
+        flat = [image for row in images for image in row]
+        # Always ask for a stacked torch tensor: the image processor returns a list otherwise.
+        processed = self.image_processor(flat, return_tensors="pt", **kwargs)["pixel_values"]
+        if not isinstance(processed, torch.Tensor) or processed.ndim != 4:
+            raise ValueError(
+                "The image processor must return one `(3, height, width)` array per image, all of the same size, to "
+                "batch them; got a result that does not stack. Keep `do_center_crop=True` (or resize to a square)."
+            )
+
+        max_images = max(len(row) for row in images)
+        pixel_values = processed.new_zeros((len(images), max_images, 1, *processed.shape[1:]))
+        start = 0
+        for sample_idx, row in enumerate(images):
+            pixel_values[sample_idx, : len(row), 0] = processed[start : start + len(row)]
+            start += len(row)
+        if return_tensors != "pt":
+            pixel_values = pixel_values.numpy()
+        return {"pixel_values": pixel_values}, []
+
+    def _check_special_mm_tokens(self, text: list[str], text_inputs: BatchFeature, modalities: list[str]) -> None:
+        """Raises if tokenization (i.e. truncation) lost an `<image>` marker, naming the sample."""
+        input_ids = text_inputs["input_ids"]
+        input_ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        attention_mask = text_inputs.get("attention_mask")
+        attention_mask = attention_mask.tolist() if hasattr(attention_mask, "tolist") else attention_mask
+        for sample_idx, (sample, ids) in enumerate(zip(text, input_ids)):
+            num_markers = self._count_markers(sample)
+            num_kept = list(ids).count(self.image_token_id)
+            if num_kept == num_markers:
+                continue
+            kept_length = sum(attention_mask[sample_idx]) if attention_mask is not None else len(ids)
+            full_length = len(self.tokenizer(sample)["input_ids"])
+            raise ValueError(
+                f"Truncation would cut sample {sample_idx}: it is {full_length} tokens long and truncating it to "
+                f"{kept_length} tokens keeps only {num_kept} of its {num_markers} `{self.image_token}` markers, which "
+                f"would leave images without their marker. Use `max_length >= {full_length}` (or no truncation), "
+                "shorten the text, or pass fewer images / demonstrations."
+            )
+
+    @property
+    def unused_input_names(self) -> list[str]:
+        # The model takes no token type ids; some tokenizers return them by default.
+        return ["token_type_ids"]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Decoding
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _cut_at_eoc(self, ids: list[int]) -> list[int]:
+        """Drops everything from the first `<|endofchunk|>` after the last `<image>` on (rows without images: none)."""
+        if self.image_token_id not in ids:
+            return ids
+        last_image = len(ids) - 1 - ids[::-1].index(self.image_token_id)
+        try:
+            return ids[: ids.index(self.eoc_token_id, last_image)]
+        except ValueError:
+            return ids
+
+    def post_process_image_text_to_text(
+        self, generated_outputs, skip_special_tokens: bool = True, stop_at_eoc: bool = True, **kwargs
+    ) -> list[str] | str:
+        """
+        Decodes the output of `model.generate` (prompt included), as called by the `image-text-to-text` pipeline.
+
+        Args:
+            generated_outputs (`torch.Tensor`, `np.ndarray` or lists of ids):
+                `(batch_size, sequence_length)` or `(sequence_length,)` token ids.
+            skip_special_tokens (`bool`, *optional*, defaults to `True`):
+                Drop special tokens (`<image>`, `<|endofchunk|>`, padding) from the text.
+            stop_at_eoc (`bool`, *optional*, defaults to `True`):
+                Cut each row at the first `<|endofchunk|>` after its last `<image>`, i.e. at the end of the answer
+                to the query (the query ends after its last `<image>` and has no `<|endofchunk|>`, so the prompt
+                itself is not cut). A prompt and its generation are cut at the same place, so the decoded prompt
+                stays a prefix of the decoded generation, which the pipeline relies on to strip it. Rows without
+                `<image>` are not cut.
+            **kwargs:
+                Passed to the tokenizer's `decode`.
+
+        Returns:
+            `list[str]` for a batch, `str` for a single sequence.
+        """
+        ids = to_py_obj(generated_outputs)
+        is_single = len(ids) == 0 or not isinstance(ids[0], (list, tuple))
+        rows = [ids] if is_single else ids
+        if stop_at_eoc:
+            rows = [self._cut_at_eoc(list(row)) for row in rows]
+        texts = [self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in rows]
+        return texts[0] if is_single else texts
+
+    def post_process_generation(
+        self,
+        generated_ids,
+        prompt: int | torch.Tensor | np.ndarray | list[list[int]],
+        skip_special_tokens: bool = True,
+        **kwargs,
+    ) -> list[str]:
+        """
+        Returns only the newly generated text of each row: drops the prompt tokens and cuts at the first
+        `<|endofchunk|>` (OpenFlamingo's end of answer).
+
+        Args:
+            generated_ids (`torch.Tensor`, `np.ndarray` or lists of ids):
+                `(batch_size, sequence_length)` output of `model.generate`, prompt included (for a left-padded
+                batch every row starts with the full padded prompt).
+            prompt (`int`, or `(batch_size, prompt_length)` / `(prompt_length,)` ids):
+                The prompt's padded length, or the `input_ids` given to `generate` (only their length is used). Use
+                `0` if `generated_ids` holds the new tokens only.
+            skip_special_tokens (`bool`, *optional*, defaults to `True`):
+                Drop special tokens (padding and the like) from the text.
+            **kwargs:
+                Passed to the tokenizer's `decode`.
+
+        Returns:
+            `list[str]`: one answer per row.
+        """
+        if isinstance(prompt, int):
+            prompt_length = prompt
+        else:
+            prompt_ids = to_py_obj(prompt)
+            prompt_length = len(prompt_ids[0]) if prompt_ids and isinstance(prompt_ids[0], list) else len(prompt_ids)
+        rows = to_py_obj(generated_ids)
+        if len(rows) > 0 and not isinstance(rows[0], (list, tuple)):
+            rows = [rows]
+        answers = []
+        for row in rows:
+            new_tokens = list(row[prompt_length:])
+            if self.eoc_token_id in new_tokens:
+                new_tokens = new_tokens[: new_tokens.index(self.eoc_token_id)]
+            answers.append(self.tokenizer.decode(new_tokens, skip_special_tokens=skip_special_tokens, **kwargs))
+        return answers
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+__all__ = ["OpenFlamingoProcessor", "default_image_processor", "load_default_chat_template"]
