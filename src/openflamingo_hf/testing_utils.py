@@ -73,4 +73,50 @@ def make_image(seed: int, size: tuple[int, int] = (32, 40)) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-__all__ = ["EOS_TOKEN", "build_tiny_tokenizer", "make_image"]
+def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: float | None = 0.5, **config_overrides):
+    """
+    A tiny random OpenFlamingo and a matching `OpenFlamingoProcessor`, consistent with each other as a converted
+    release is: the tokenizer has the special tokens, the model's vocabulary is `len(tokenizer)`, `media_token_id` /
+    `eoc_token_id` / pad come from the processor, images are preprocessed to the tiny vision tower's size, and the
+    generation config stops at `<|endofchunk|>`.
+
+    Args:
+        family: language-model family of `openflamingo_hf.tiny_models.tiny_text_config`.
+        seed: seed of the random weights.
+        gate: value given to every `attn_gate` / `ff_gate` (non-zero so that images matter); `None` keeps zeros.
+        **config_overrides: other `OpenFlamingoConfig` fields.
+    Returns:
+        `(model, processor)`, the model in eval mode.
+    """
+    import torch
+
+    from .modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration
+    from .processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
+    from .tiny_models import tiny_openflamingo_config, tiny_text_config
+
+    image_processor = default_image_processor()
+    config = tiny_openflamingo_config(family, **config_overrides)
+    size = config.vision_config.image_size
+    image_processor.size = {"shortest_edge": size}
+    image_processor.crop_size = {"height": size, "width": size}
+    processor = OpenFlamingoProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+    tokenizer = processor.tokenizer
+    config.text_config = tiny_text_config(
+        family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    processor.update_model_config(config)
+    torch.manual_seed(seed)
+    model = OpenFlamingoForConditionalGeneration(config).eval()
+    if gate is not None:
+        with torch.no_grad():
+            for block in model.gated_cross_attn_layers.values():
+                block.attn_gate.fill_(gate)
+                block.ff_gate.fill_(gate)
+    model.generation_config.eos_token_id = processor.eoc_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+__all__ = ["EOS_TOKEN", "build_tiny_model_and_processor", "build_tiny_tokenizer", "make_image"]
