@@ -505,6 +505,22 @@ def test_from_backbones_keeps_backbone_weights(tmp_path):
             )
 
 
+def test_from_backbones_with_processor_sets_ids_and_resizes_embeddings():
+    from openflamingo_hf import OpenFlamingoProcessor
+    from openflamingo_hf.testing_utils import build_tiny_tokenizer
+
+    processor = OpenFlamingoProcessor(tokenizer=build_tiny_tokenizer())
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_text_config("llama", vocab_size=320)).eval()
+    vision = AutoModel.from_config(tiny_vision_config())
+    model = OpenFlamingoForConditionalGeneration.from_backbones(vision, lm, processor=processor)
+    n = len(processor.tokenizer)
+    assert n == 323
+    assert model.config.media_token_id == processor.image_token_id and model.config.eoc_token_id == processor.eoc_token_id
+    assert model.get_input_embeddings().weight.shape[0] == n and model.config.text_config.vocab_size == n
+    assert model.config.text_config.pad_token_id == processor.tokenizer.pad_token_id
+
+
 class _OddLM(nn.Module):
     """An unknown architecture whose decoder layers live at an unusual path."""
 

@@ -490,6 +490,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         media_token_id: int | None = None,
         eoc_token_id: int | None = None,
         decoder_layers_attr_name: str | None = None,
+        processor=None,
         vision_kwargs: dict | None = None,
         language_kwargs: dict | None = None,
         **config_kwargs,
@@ -504,6 +505,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             cross_attn_every_n_layers: a gated block before every N-th decoder layer.
             media_token_id, eoc_token_id: ids of `<image>` and `<|endofchunk|>` (see `OpenFlamingoProcessor`).
             decoder_layers_attr_name: dotted path of the LM's decoder layers, when they cannot be found automatically.
+            processor: an `OpenFlamingoProcessor` whose tokenizer holds the special tokens. Its `<image>`,
+                `<|endofchunk|>` and pad ids go into the config, and the LM embeddings are resized to
+                `len(processor.tokenizer)` (what the original factory did after adding the tokens).
             vision_kwargs, language_kwargs: extra `from_pretrained` arguments for names/paths.
             **config_kwargs: other `OpenFlamingoConfig` fields (Perceiver and cross-attention sizes, ...).
         """
@@ -523,6 +527,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             **config_kwargs,
         )
         model = cls(config, vision_model=vision_model, language_model=language_model)
+        if processor is not None:
+            num_embeddings = processor.update_model_config(model.config, set_vocab_size=False)
+            model.resize_token_embeddings(num_embeddings)
         return model.to(language_model.dtype)
 
     # ---------------------------------------------------------------- images
