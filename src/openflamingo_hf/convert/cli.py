@@ -1,0 +1,483 @@
+"""`openflamingo-convert`: turn an original OpenFlamingo checkpoint into a transformers model folder.
+
+    openflamingo-convert --release OpenFlamingo-9B-vitl-mpt7b --output ./OpenFlamingo-9B-hf
+    openflamingo-convert --checkpoint checkpoint.pt --language-model anas-awadalla/mpt-7b \
+        --vision-model openai/clip-vit-large-patch14 --output ./converted
+
+The folder holds sharded safetensors, `config.json`, the processor (tokenizer with `<|endofchunk|>`, `<image>` and
+`<PAD>` at the ids the checkpoint was trained with, CLIP image processor, chat template), `generation_config.json`
+(stops at `<|endofchunk|>`) and a model card; it loads with `AutoModelForImageTextToText.from_pretrained` and
+`AutoProcessor.from_pretrained` once `openflamingo_hf` is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import HfArgumentParser
+
+from ..modeling.configuration_openflamingo import OpenFlamingoConfig
+from ..modeling.modeling_mosaic_gpt import register as register_mosaic_gpt
+from ..modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration, _load_vision_tower
+from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
+from ..releases import (
+    RELEASE_EOC_TOKEN_ID,
+    RELEASE_MEDIA_TOKEN_ID,
+    RELEASES,
+    OpenFlamingoRelease,
+    get_release,
+    get_release_config,
+)
+from .convert_original import (
+    ConversionError,
+    ConversionReport,
+    base_state_dict_from_backbones,
+    convert_original_state_dict,
+    infer_cross_attn_every_n_layers,
+    normalize_original_key,
+    original_input_embedding_key,
+    unwrap_checkpoint,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _release_table() -> str:
+    lines = ["Releases (--release NAME):"]
+    for r in RELEASES.values():
+        lines.append(
+            f"  {r.name}\n"
+            f"      checkpoint {r.checkpoint_repo}/{r.checkpoint_file}; language model and tokenizer "
+            f"{r.language_model}; vision {r.vision_model}; cross-attention every {r.cross_attn_every_n_layers} "
+            f"layer(s); COCO 4-shot CIDEr {r.coco_cider_4shot}, VQAv2 4-shot accuracy {r.vqav2_accuracy_4shot}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class ConvertArguments:
+    """Arguments of `openflamingo-convert`. Give `--release`, or `--checkpoint` with the backbones, or both."""
+
+    output: str = field(
+        metadata={"help": "Folder to write the converted model, processor, generation config and model card to."}
+    )
+    release: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of a released model (listed below). Sets the architecture and, unless given explicitly, "
+            "downloads openflamingo/<NAME>/checkpoint.pt, the language model, tokenizer and vision tower from the "
+            "Hugging Face Hub (needs network access).",
+            "choices": list(RELEASES),
+        },
+    )
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local original checkpoint (.pt, read with torch.load(weights_only=True); or .safetensors): a "
+            "released trainable-only checkpoint.pt or a full state dict (flat or under 'model_state_dict'). "
+            "Overrides the release's download."
+        },
+    )
+    language_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the language model the checkpoint was trained on (loaded with "
+            "AutoModelForCausalLM). Its weights complete a trainable-only checkpoint; its config is the text config."
+        },
+    )
+    vision_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the CLIP vision tower (a CLIPVisionModel, or a full CLIP model whose "
+            "vision tower is used). Default for releases: openai/clip-vit-large-patch14."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the tokenizer (default: the language model's). OpenFlamingo's tokens "
+            "are added the way the original did, so their ids match the checkpoint's embedding rows."
+        },
+    )
+    image_processor: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the image processor. Default: the vision model's own, if it has one "
+            "(local mode), else OpenAI CLIP preprocessing at 224 px (what every release used)."
+        },
+    )
+    cross_attn_every_n_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "A gated cross-attention block before every N-th decoder layer. Default: the release's value, "
+            "or inferred from the checkpoint's gated-block indices."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of OpenFlamingoConfig fields to set, for checkpoints with non-default sizes, e.g. "
+            '\'{"perceiver_num_heads": 8, "cross_attn_head_dim": 64}\'. Perceiver depth, number of latents and '
+            "frame / media-time embeddings are read from the checkpoint."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the saved weights.", "choices": list(DTYPES)},
+    )
+    max_shard_size: str = field(
+        default="5GB", metadata={"help": "Largest safetensors shard written by save_pretrained (e.g. '2GB')."}
+    )
+    report: str | None = field(
+        default=None,
+        metadata={"help": "Write a JSON report (target weight -> source keys, and skipped source entries) here."},
+    )
+    local_files_only: bool = field(
+        default=False, metadata={"help": "Never download: use only local files and the Hugging Face cache."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Write into --output even if it is not empty."})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        ConvertArguments,
+        prog="openflamingo-convert",
+        description=textwrap.dedent(
+            """\
+            Convert an original OpenFlamingo checkpoint (open_flamingo v2) into a Hugging Face transformers model
+            folder (OpenFlamingoForConditionalGeneration + OpenFlamingoProcessor).
+
+            A released checkpoint.pt holds only the trained weights (Perceiver, gated cross-attention, embeddings);
+            the language model and the vision tower are loaded from their own repos and merged in. Every weight of
+            the checkpoint must find its place and every weight of the model must be filled, else the conversion
+            stops and names the offending keys.
+
+            Examples:
+              openflamingo-convert --release OpenFlamingo-3B-vitl-mpt1b --output ./OpenFlamingo-3B-vitl-mpt1b-hf
+              openflamingo-convert --release OpenFlamingo-9B-vitl-mpt7b --checkpoint ./checkpoint.pt --output ./out
+              openflamingo-convert --checkpoint ./checkpoint.pt --language-model ./my-lm \\
+                  --vision-model openai/clip-vit-large-patch14 --tokenizer ./my-lm --output ./out
+            """
+        ),
+        epilog=_release_table(),
+        formatter_class=_HelpFormatter,
+    )
+
+
+class UsageError(ValueError):
+    """The arguments do not describe a conversion that can be done."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _download_checkpoint(release: OpenFlamingoRelease, local_files_only: bool) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(release.checkpoint_repo, release.checkpoint_file, local_files_only=local_files_only)
+    except Exception as error:  # network, auth or cache miss: say what to do instead
+        raise UsageError(
+            f"Could not get {release.checkpoint_repo}/{release.checkpoint_file} ({type(error).__name__}: {error}). "
+            "Download it yourself and pass --checkpoint PATH."
+        ) from error
+
+
+def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Reads an original checkpoint: `.safetensors`, or a pickle read with `torch.load(weights_only=True)`."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--checkpoint {path}: no such file.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(
+            f"Could not read {path} with torch.load(weights_only=True) ({type(error).__name__}: {error}). Only "
+            "tensors and plain containers are read, so a file holding other pickled objects is refused: load it "
+            "yourself in a trusted environment and save its state dict with torch.save(state_dict, path)."
+        ) from error
+
+
+def _infer_perceiver_fields(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Perceiver sizes that the checkpoint determines unambiguously."""
+    fields: dict = {}
+    if "perceiver.latents" in state_dict:
+        fields["perceiver_num_latents"] = state_dict["perceiver.latents"].shape[0]
+    layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("perceiver.layers.")}
+    if layers:
+        fields["perceiver_depth"] = max(layers) + 1
+    fields["perceiver_max_num_frames"] = (
+        state_dict["perceiver.frame_embs"].shape[0] if "perceiver.frame_embs" in state_dict else None
+    )
+    fields["perceiver_max_num_media"] = (
+        state_dict["perceiver.media_time_embs"].shape[0] if "perceiver.media_time_embs" in state_dict else None
+    )
+    return fields
+
+
+def _vision_config(vision_model: str, local_files_only: bool):
+    config = AutoConfig.from_pretrained(vision_model, local_files_only=local_files_only)
+    return getattr(config, "vision_config", None) or config
+
+
+def build_config(
+    args: ConvertArguments,
+    release: OpenFlamingoRelease | None,
+    state_dict: dict[str, torch.Tensor],
+    processor: OpenFlamingoProcessor,
+) -> OpenFlamingoConfig:
+    """
+    The target architecture: the release's, or one built from the backbones' configs and the checkpoint. The token
+    ids come from the processor's tokenizer; the vocabulary size is the number of rows of the checkpoint's embedding.
+    """
+    normalized = {normalize_original_key(k): v for k, v in state_dict.items()}
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    if not isinstance(overrides, dict):
+        raise UsageError(f"--config-overrides must be a JSON object, got {args.config_overrides!r}.")
+    interval = args.cross_attn_every_n_layers or infer_cross_attn_every_n_layers(normalized)
+
+    if release is not None:
+        config = get_release_config(release.name)
+        if args.cross_attn_every_n_layers and args.cross_attn_every_n_layers != release.cross_attn_every_n_layers:
+            raise UsageError(
+                f"{release.name} has a gated block every {release.cross_attn_every_n_layers} layers; "
+                f"--cross-attn-every-n-layers {args.cross_attn_every_n_layers} contradicts it. Drop the option."
+            )
+        if (processor.eoc_token_id, processor.image_token_id) != (RELEASE_EOC_TOKEN_ID, RELEASE_MEDIA_TOKEN_ID):
+            raise UsageError(
+                f"The tokenizer gives <|endofchunk|> id {processor.eoc_token_id} and <image> id "
+                f"{processor.image_token_id}, but {release.name} was trained with {RELEASE_EOC_TOKEN_ID} and "
+                f"{RELEASE_MEDIA_TOKEN_ID} (GPT-NeoX-20B tokenizer, 50277 entries, plus the original's tokens). Use "
+                f"the release's tokenizer ({release.tokenizer})."
+            )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    else:
+        if interval is None:
+            raise UsageError(
+                "The checkpoint holds no gated cross-attention block, so their interval cannot be inferred: pass "
+                "--cross-attn-every-n-layers."
+            )
+        register_mosaic_gpt()
+        text_config = AutoConfig.from_pretrained(
+            args.language_model, local_files_only=args.local_files_only, trust_remote_code=False
+        )
+        fields = dict(
+            vision_config=_vision_config(args.vision_model, args.local_files_only),
+            text_config=text_config,
+            cross_attn_every_n_layers=interval,
+            **_infer_perceiver_fields(normalized),
+        )
+        fields.update(overrides)
+        config = OpenFlamingoConfig(**fields)
+
+    embedding_key = original_input_embedding_key(config)
+    if embedding_key in normalized:
+        rows = normalized[embedding_key].shape[0]
+        if release is None:
+            config.text_config.vocab_size = rows
+    else:
+        rows = config.text_config.vocab_size
+    if len(processor.tokenizer) > rows:
+        raise UsageError(
+            f"The tokenizer has {len(processor.tokenizer)} tokens (OpenFlamingo's included) but the model's embedding "
+            f"has {rows} rows: new rows would have no trained weights. Use the tokenizer the checkpoint was trained with."
+        )
+    if release is not None and embedding_key in normalized and rows != len(processor.tokenizer):
+        raise UsageError(
+            f"{embedding_key} has {rows} rows but the tokenizer has {len(processor.tokenizer)} tokens; the original "
+            "resized the embeddings to len(tokenizer), so this is not the release's tokenizer or checkpoint."
+        )
+    processor.update_model_config(config)
+    return config
+
+
+def render_model_card(
+    output: str, release: OpenFlamingoRelease | None, args: ConvertArguments, config: OpenFlamingoConfig
+) -> str:
+    """A README.md: sources, published scores (releases), and usage with a few-shot prompt."""
+    lm = release.language_model if release and not args.language_model else args.language_model
+    vision = args.vision_model or (release.vision_model if release else None)
+    title = release.name if release else f"OpenFlamingo converted from {Path(args.checkpoint).name}"
+    base_models = [m for m in (lm, vision) if m and not os.path.exists(m)]
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: mit", "tags:",
+             "- openflamingo", "- flamingo", "- image-text-to-text"]
+    if base_models:
+        front += ["base_model:"] + [f"- {m}" for m in base_models]
+    front.append("---")
+    if release is not None:
+        source = (
+            f"Converted from the original checkpoint [`{release.checkpoint_repo}`](https://huggingface.co/"
+            f"{release.checkpoint_repo}) with `openflamingo-convert --release {release.name}`.\n\n{release.description}"
+        )
+        scores = (
+            "## Published results\n\n| benchmark | 4-shot |\n|---|---|\n"
+            f"| COCO captioning (CIDEr) | {release.coco_cider_4shot} |\n"
+            f"| VQAv2 (accuracy) | {release.vqav2_accuracy_4shot} |\n\n"
+            "Numbers as reported by the OpenFlamingo authors for the original implementation; this conversion was "
+            "checked for numerical equivalence, not re-evaluated.\n"
+        )
+    else:
+        source = f"Converted from a local OpenFlamingo checkpoint (`{Path(args.checkpoint).name}`) with `openflamingo-convert`."
+        scores = ""
+    text_config = config.get_text_config()
+    return "\n".join(front) + f"""
+
+# {title}
+
+{source}
+
+- Vision encoder: `{vision}` (patch tokens of the last layer, CLS dropped), Perceiver resampler with
+  {config.perceiver_num_latents} latents.
+- Language model: `{lm}` ({text_config.model_type}, {text_config.num_hidden_layers} layers), with a gated
+  cross-attention block before every N-th decoder layer (N = {config.cross_attn_every_n_layers}).
+- Special tokens: `<image>` (id {config.media_token_id}) marks where an image goes; `<|endofchunk|>` (id
+  {config.eoc_token_id}) ends the text that belongs to an image and is the generation stop token.
+
+{scores}
+## Usage
+
+Needs the `openflamingo_hf` package (the `openflamingo-hf` project that wrote this folder); importing it registers
+the model with the transformers Auto classes.
+
+```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+import openflamingo_hf  # noqa: F401
+
+model = AutoModelForImageTextToText.from_pretrained("{output}")
+processor = AutoProcessor.from_pretrained("{output}")
+
+# Few-shot captioning: one demonstration, then the query image.
+demo, query = Image.open("demo.jpg"), Image.open("query.jpg")
+prompt = "<image>Output:Two cats sleeping on a couch.<|endofchunk|><image>Output:"
+inputs = processor(images=[[demo, query]], text=[prompt], return_tensors="pt")
+generated = model.generate(**inputs, max_new_tokens=20, num_beams=3)
+print(processor.post_process_generation(generated, inputs["input_ids"])[0])
+```
+
+With a pipeline:
+
+```python
+from transformers import pipeline
+
+pipe = pipeline("image-text-to-text", model="{output}")
+print(pipe(images=[demo, query], text=prompt, generate_kwargs={{"max_new_tokens": 20}}, return_full_text=False))
+```
+
+VQA prompts follow `<image>Question:{{question}} Short answer:{{answer}}<|endofchunk|>` per demonstration, ending
+with `<image>Question:{{question}} Short answer:` for the query.
+"""
+
+
+def convert(args: ConvertArguments) -> ConversionReport:
+    """Runs the conversion described by `args` and writes the output folder."""
+    release = get_release(args.release) if args.release else None
+    if release is None and not (args.checkpoint and args.language_model and args.vision_model):
+        raise UsageError(
+            "Give --release NAME, or a local conversion with --checkpoint FILE --language-model PATH_OR_ID "
+            "--vision-model PATH_OR_ID (and optionally --tokenizer). See --help for the releases."
+        )
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise UsageError(f"--output {output} exists and is not empty. Choose another folder or pass --overwrite.")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
+    dtype = DTYPES[args.dtype]
+    register_mosaic_gpt()
+
+    language_model = args.language_model or release.language_model
+    vision_model = args.vision_model or release.vision_model
+    tokenizer_path = args.tokenizer or (release.tokenizer if release and not args.language_model else language_model)
+    checkpoint_path = args.checkpoint or _download_checkpoint(release, args.local_files_only)
+    print(f"Reading {checkpoint_path}")
+    state_dict, _ = unwrap_checkpoint(load_checkpoint(checkpoint_path))
+
+    # Processor first: adding the special tokens fixes their ids, which the config and the checks need.
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_path, local_files_only=args.local_files_only, trust_remote_code=False
+    )
+    if args.image_processor:
+        image_processor = AutoImageProcessor.from_pretrained(args.image_processor, local_files_only=args.local_files_only)
+    elif release is None:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model, local_files_only=args.local_files_only)
+        except OSError:
+            print(f"{vision_model} has no image processor; using OpenAI CLIP preprocessing at 224 px.")
+            image_processor = default_image_processor()
+    else:
+        image_processor = default_image_processor()
+    processor = OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = build_config(args, release, state_dict, processor)
+
+    print(f"Loading the language model {language_model} and the vision tower {vision_model}")
+    # trust_remote_code=False: the converter never runs code from the Hub; MosaicGPT (MPT-1B) and MPT-7B are
+    # implemented locally and their repos' remote code is not needed.
+    lm = AutoModelForCausalLM.from_pretrained(
+        language_model, dtype=dtype, local_files_only=args.local_files_only, trust_remote_code=False
+    )
+    if lm.config.model_type != config.text_config.model_type:
+        raise UsageError(
+            f"{language_model} loads as a '{lm.config.model_type}' model but the checkpoint's architecture needs "
+            f"'{config.text_config.model_type}'. Pass the language model the checkpoint was trained on (for the 3B "
+            "releases, the MosaicGPT repo whose config.json has model_type 'mosaic_gpt')."
+        )
+    vision = _load_vision_tower(vision_model, dtype=dtype, local_files_only=args.local_files_only)
+    base = base_state_dict_from_backbones(lm, vision)
+    converted, report = convert_original_state_dict(state_dict, config, base_state_dict=base, return_report=True)
+    del base, state_dict
+    print(report.summary())
+
+    model = OpenFlamingoForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict={k: v.to(dtype) for k, v in converted.items()}, dtype=dtype
+    )
+    del converted, lm, vision
+    text_config = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=config.eoc_token_id,  # the original stopped generation at <|endofchunk|>
+        pad_token_id=processor.tokenizer.pad_token_id,
+        max_new_tokens=20,
+    )
+
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    processor.save_pretrained(output)
+    (output / "README.md").write_text(render_model_card(str(output), release, args, config), encoding="utf-8")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    print(f"Wrote {output}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `openflamingo-convert`; returns the exit status (0 on success, 1 on a conversion problem)."""
+    parser = build_parser()
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        convert(args)
+    except (UsageError, ConversionError) as error:
+        print(f"openflamingo-convert: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
