@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as transformers_logging
+
+from openflamingo_hf.pipeline_openflamingo import OpenFlamingoPipeline
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
@@ -429,6 +432,21 @@ def test_cli_converts_local_files(tmp_path, family, capsys):
     result = pipe(images=images, text=prompt, generate_kwargs=dict(max_new_tokens=5, do_sample=False),
                   return_full_text=False)
     assert result[0]["generated_text"] == expected[0]
+
+    # Zero-shot captioning of an image alone, the "image-to-text" task (see OpenFlamingoPipeline).
+    zero_shot = loaded_processor(images=[[images[0]]], text=["<image>"], return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded_processor.post_process_generation(
+            loaded.generate(**zero_shot, max_new_tokens=5, do_sample=False), zero_shot["input_ids"]
+        )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # transformers 5.24's "image-to-text" redirect warning is malformed
+    try:
+        captioner = pipeline("image-to-text", model=str(out), pipeline_class=OpenFlamingoPipeline)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    caption = captioner(images[0], generate_kwargs=dict(max_new_tokens=5, do_sample=False))
+    assert caption[0]["generated_text"] == expected[0]
 
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "<|endofchunk|>" in card
