@@ -7,9 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers.utils import logging as transformers_logging
-
-from openflamingo_hf.pipeline_openflamingo import OpenFlamingoPipeline
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
@@ -22,7 +19,10 @@ from transformers import (
     pipeline,
 )
 
+from transformers.utils import logging as transformers_logging
+
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
+from openflamingo_hf.pipeline_openflamingo import OpenFlamingoPipeline
 from openflamingo_hf import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from openflamingo_hf.convert import (
     ConversionError,
