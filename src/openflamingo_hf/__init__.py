@@ -19,6 +19,7 @@ from .modeling.modeling_openflamingo import (
     find_decoder_layers,
 )
 from .processing.processing_openflamingo import OpenFlamingoProcessor
+from .hub import export_for_hub
 
 AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
@@ -35,6 +36,7 @@ __all__ = [
     "OpenFlamingoPerceiverResampler",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",
+    "export_for_hub",
     "find_decoder_layers",
 ]
 __version__ = "0.1.0"

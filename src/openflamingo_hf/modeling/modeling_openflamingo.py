@@ -33,6 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_openflamingo import OpenFlamingoConfig
+from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 from .modeling_mosaic_gpt import register as _register_mosaic_gpt
 
 # MosaicGPT (MPT-1B, the 3B releases' LM) must be buildable by AutoModelForCausalLM wherever this file is imported,
@@ -447,9 +448,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
-        self.language_model = (
-            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
-        )
+        self.language_model = language_model if language_model is not None else _build_language_model(config)
         _, decoder_layers = find_decoder_layers(self.language_model, config.decoder_layers_attr_name)
         text_dim = config.get_text_config().hidden_size
         self.gated_cross_attn_layers = nn.ModuleDict(
@@ -858,6 +857,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if getattr(outputs, "media_cache", None) is not None:
             model_kwargs["media_cache"] = outputs.media_cache
         return model_kwargs
+
+
+def _build_language_model(config: OpenFlamingoConfig) -> PreTrainedModel:
+    text_config = config.get_text_config()
+    if text_config.model_type == "mosaic_gpt":
+        # Built directly rather than through AutoModelForCausalLM: when loaded as remote code from a local folder,
+        # transformers may import configuration_mosaic_gpt twice (once per auto_map module directory), giving a
+        # MosaicGPTConfig class that is not the one registered with the Auto classes.
+        return MosaicGPTForCausalLM(text_config)
+    return AutoModelForCausalLM.from_config(text_config)
 
 
 def _extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
