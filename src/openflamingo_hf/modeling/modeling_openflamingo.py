@@ -610,25 +610,29 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             given = image_mask.sum(dim=-1)
         else:
             given = torch.full_like(counts, num_images)
-        for row in range(input_ids.shape[0]):
-            n_tokens, n_images = int(counts[row]), int(given[row])
-            if n_tokens > n_images:
-                raise ValueError(
-                    f"Sample {row} has {n_tokens} <image> tokens but only {n_images} images were given. Give one "
-                    "image per <image> token (pad rows with fewer images), or remove the extra tokens."
-                )
-            if image_mask is not None and n_tokens < n_images:
-                raise ValueError(
-                    f"Sample {row} has {n_images} images but only {n_tokens} <image> tokens. Put one <image> token "
-                    "where each image belongs."
-                )
+        bad = (counts > given).any() if image_mask is None else (counts != given).any()
         if image_mask is None:
-            if int(counts.max()) < num_images:
-                raise ValueError(
-                    f"{num_images} images were given per sample but no sample has more than {int(counts.max())} "
-                    "<image> tokens, so some images would never be seen. Put one <image> token where each image "
-                    "belongs (OpenFlamingoProcessor does this)."
-                )
+            bad = bad | (counts.max() < num_images)  # some image slot that no row uses
+        # One host sync for the common (valid) case; the messages are built only for a bad input.
+        if bool(bad):
+            for row in range(input_ids.shape[0]):
+                n_tokens, n_images = int(counts[row]), int(given[row])
+                if n_tokens > n_images:
+                    raise ValueError(
+                        f"Sample {row} has {n_tokens} <image> tokens but only {n_images} images were given. Give one "
+                        "image per <image> token (pad rows with fewer images), or remove the extra tokens."
+                    )
+                if n_tokens < n_images and image_mask is not None:
+                    raise ValueError(
+                        f"Sample {row} has {n_images} images but only {n_tokens} <image> tokens. Put one <image> "
+                        "token where each image belongs."
+                    )
+            raise ValueError(
+                f"{num_images} images were given per sample but no sample has more than {int(counts.max())} "
+                "<image> tokens, so some images would never be seen. Put one <image> token where each image "
+                "belongs (OpenFlamingoProcessor does this)."
+            )
+        if image_mask is None:
             image_mask = torch.arange(num_images, device=input_ids.device)[None, :] < counts[:, None]
         return image_mask
 
