@@ -25,8 +25,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from transformers import HfArgumentParser
 
 from ..modeling.configuration_openflamingo import OpenFlamingoConfig
-from ..modeling.modeling_mosaic_gpt import register as register_mosaic_gpt
-from ..modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration, _load_vision_tower
+from ..modeling.modeling_openflamingo import (
+    OpenFlamingoForConditionalGeneration,
+    _load_vision_tower,
+    _vision_tower_config,
+)
 from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
 from ..releases import (
     RELEASE_EOC_TOKEN_ID,
@@ -232,11 +235,6 @@ def _infer_perceiver_fields(state_dict: dict[str, torch.Tensor]) -> dict:
     return fields
 
 
-def _vision_config(vision_model: str, local_files_only: bool):
-    config = AutoConfig.from_pretrained(vision_model, local_files_only=local_files_only)
-    return getattr(config, "vision_config", None) or config
-
-
 def build_config(
     args: ConvertArguments,
     release: OpenFlamingoRelease | None,
@@ -275,12 +273,11 @@ def build_config(
                 "The checkpoint holds no gated cross-attention block, so their interval cannot be inferred: pass "
                 "--cross-attn-every-n-layers."
             )
-        register_mosaic_gpt()
         text_config = AutoConfig.from_pretrained(
             args.language_model, local_files_only=args.local_files_only, trust_remote_code=False
         )
         fields = dict(
-            vision_config=_vision_config(args.vision_model, args.local_files_only),
+            vision_config=_vision_tower_config(args.vision_model, local_files_only=args.local_files_only),
             text_config=text_config,
             cross_attn_every_n_layers=interval,
             **_infer_perceiver_fields(normalized),
@@ -401,7 +398,6 @@ def convert(args: ConvertArguments) -> ConversionReport:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
     dtype = DTYPES[args.dtype]
-    register_mosaic_gpt()
 
     language_model = args.language_model or release.language_model
     vision_model = args.vision_model or release.vision_model

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -891,15 +891,20 @@ def _extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
     )
 
 
-def _load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
-    from transformers import AutoConfig
+# `from_pretrained` arguments that also apply to reading a config.
+_HUB_KWARGS = ("revision", "token", "local_files_only", "cache_dir", "subfolder")
 
-    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
-    vision_config = getattr(config, "vision_config", None)
-    if vision_config is not None:
-        # A composite checkpoint (e.g. openai/clip-vit-large-patch14): load only its vision tower.
-        return AutoModel.from_pretrained(name_or_path, config=vision_config, **kwargs)
-    return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+def _vision_tower_config(name_or_path: str, **kwargs):
+    """The config of the vision tower at `name_or_path`: the `vision_config` of a composite checkpoint (e.g.
+    openai/clip-vit-large-patch14), else the checkpoint's own config."""
+    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS})
+    return getattr(config, "vision_config", None) or config
+
+
+def _load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
+    # For a composite checkpoint only its vision tower is loaded.
+    return AutoModel.from_pretrained(name_or_path, config=_vision_tower_config(name_or_path, **kwargs), **kwargs)
 
 
 __all__ = [
