@@ -45,10 +45,9 @@ CODE_FILES: dict[str, str] = {
     "modeling_mosaic_gpt.py": f"{PACKAGE}.modeling.modeling_mosaic_gpt",
     "modeling_openflamingo.py": f"{PACKAGE}.modeling.modeling_openflamingo",
     "processing_openflamingo.py": f"{PACKAGE}.processing.processing_openflamingo",
+    "pipeline_openflamingo.py": f"{PACKAGE}.pipeline_openflamingo",
 }
-# The custom pipeline is shipped too when this package has it (it is optional for the rest of the export).
 PIPELINE_FILE = "pipeline_openflamingo.py"
-PIPELINE_MODULE = f"{PACKAGE}.pipeline_openflamingo"
 PIPELINE_CLASS = "OpenFlamingoPipeline"
 PIPELINE_TASK = "image-to-text"
 
@@ -152,7 +151,7 @@ def export_for_hub(
         if remote_code:
             for file_name, source in code_sources.items():
                 shutil.copyfile(source, staging / file_name)
-            _update_json(staging / CONFIG_FILE, _model_remote_code_entries(code_sources))
+            _update_json(staging / CONFIG_FILE, _model_remote_code_entries())
             # The same files `register_for_auto_class` would mark; AutoProcessor reads processor_config.json first.
             for name in (PROCESSOR_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
                 if (staging / name).is_file():
@@ -239,11 +238,8 @@ def _code_sources() -> dict[str, Path]:
     The files to ship, from the installed package, checked to be self-contained in a flat folder: no absolute import
     of this package and no relative import of a module that is not shipped.
     """
-    modules = dict(CODE_FILES)
-    if importlib.util.find_spec(PIPELINE_MODULE) is not None:
-        modules[PIPELINE_FILE] = PIPELINE_MODULE
     sources = {}
-    for file_name, module_name in modules.items():
+    for file_name, module_name in CODE_FILES.items():
         spec = importlib.util.find_spec(module_name)
         if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
             raise ExportError(
@@ -251,8 +247,6 @@ def _code_sources() -> dict[str, Path]:
                 f"{PACKAGE} is incomplete. Reinstall it (pip install -e . in a checkout)."
             )
         sources[file_name] = Path(spec.origin)
-    if PIPELINE_FILE in sources and PIPELINE_CLASS not in sources[PIPELINE_FILE].read_text(encoding="utf-8"):
-        raise ExportError(f"{PIPELINE_MODULE} does not define {PIPELINE_CLASS}; the pipeline cannot be shipped.")
     shipped = {name[: -len(".py")] for name in sources}
     for file_name, source in sources.items():
         if PACKAGE in get_imports(source):
@@ -270,11 +264,8 @@ def _code_sources() -> dict[str, Path]:
     return sources
 
 
-def _model_remote_code_entries(code_sources: dict[str, Path]) -> dict[str, Any]:
-    entries: dict[str, Any] = {"auto_map": dict(MODEL_AUTO_MAP)}
-    if PIPELINE_FILE in code_sources:
-        entries["custom_pipelines"] = {PIPELINE_TASK: copy.deepcopy(PIPELINE_ENTRY)}
-    return entries
+def _model_remote_code_entries() -> dict[str, Any]:
+    return {"auto_map": dict(MODEL_AUTO_MAP), "custom_pipelines": {PIPELINE_TASK: copy.deepcopy(PIPELINE_ENTRY)}}
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -339,7 +330,7 @@ def _strip_remote_code(folder: Path) -> None:
     A plain folder must not point at code it does not hold: a model that was itself loaded from remote code saves
     its `auto_map` and code files through transformers, so those are removed again.
     """
-    for name in list(CODE_FILES) + [PIPELINE_FILE]:
+    for name in CODE_FILES:
         (folder / name).unlink(missing_ok=True)
     for name in (CONFIG_FILE, PROCESSOR_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
         path = folder / name
