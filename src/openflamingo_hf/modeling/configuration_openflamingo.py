@@ -1,5 +1,6 @@
 """OpenFlamingo model configuration."""
 
+import copy
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -104,7 +105,24 @@ class OpenFlamingoConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Sub-config objects are copied, so that building this config never changes the caller's configs (e.g. the
+        # `config` of a language model passed to `from_backbones`).
+        for key in self.sub_configs_defaults:
+            sub_config = getattr(self, key)
+            if isinstance(sub_config, PreTrainedConfig):
+                setattr(self, key, copy.deepcopy(sub_config))
+        own_attn_implementations = {key: self._sub_config_attn_implementation(key) for key in self.sub_configs_defaults}
+        # `PreTrainedConfig.__post_init__` sets `self._attn_implementation` from the `attn_implementation` kwarg, and its
+        # setter writes that value into every sub-config, `None` included. A `None` erases what a sub-config already
+        # had (say "eager" or "sdpa" of a built language model), and a model then built on it dispatches its attention
+        # as a standalone module: without a causal mask. So the sub-configs keep their own unless one is asked for.
+        requested = kwargs.get("attn_implementation")
         super().__post_init__(**kwargs)
+        if requested is None:
+            for key, implementation in own_attn_implementations.items():
+                sub_config = getattr(self, key)
+                if sub_config is not None and implementation is not None:
+                    sub_config._attn_implementation = implementation
         if self.cross_attn_every_n_layers < 1:
             raise ValueError(
                 f"cross_attn_every_n_layers must be >= 1, got {self.cross_attn_every_n_layers}."
@@ -112,6 +130,10 @@ class OpenFlamingoConfig(PreTrainedConfig):
         # The output embedding of the LM is tied (or not) by the LM itself; mirror its setting so that
         # generic code reading the top-level config sees the truth.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def _sub_config_attn_implementation(self, key: str) -> str | None:
+        sub_config = getattr(self, key)
+        return getattr(sub_config, "_attn_implementation", None) if isinstance(sub_config, PreTrainedConfig) else None
 
     @property
     def vision_hidden_size(self) -> int:

@@ -19,6 +19,7 @@ themselves `GradientCheckpointingLayer`s and get checkpointed on their own with 
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -372,6 +373,38 @@ def _forward_parameters(module_type: type) -> frozenset[str]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return frozenset({"*"})
     return frozenset(parameters)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation settings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def openflamingo_generation_config(
+    config: OpenFlamingoConfig, generation_config: GenerationConfig | None = None
+) -> GenerationConfig:
+    """
+    OpenFlamingo's generation settings: stop at `<|endofchunk|>` (`config.eoc_token_id`, the end of an answer) and pad
+    with the language model's pad token. The one place that sets them: the model applies it to the generation config
+    it derives from its config (at construction and when a folder has no `generation_config.json`), and the
+    converter and the Hub export save what the model then holds.
+
+    Args:
+        config: the model config; ids that are `None` are left as they are.
+        generation_config: settings to start from (copied, never changed); default: derived from `config` as
+            transformers does.
+    Returns:
+        A new `GenerationConfig`.
+    """
+    if generation_config is None:
+        generation_config = GenerationConfig.from_model_config(config)
+    generation_config = copy.deepcopy(generation_config)
+    text_config = config.get_text_config()
+    if config.eoc_token_id is not None:
+        generation_config.eos_token_id = config.eoc_token_id
+    if getattr(text_config, "pad_token_id", None) is not None:
+        generation_config.pad_token_id = text_config.pad_token_id
+    return generation_config
 
 
 # --------------------------------------------------------------------------------------------------------------------
