@@ -113,8 +113,9 @@ def reference_perceiver(perceiver, features):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_zero_gates_equal_bare_language_model(family):
     model = build(family)
-    # An independent standalone LM with the same weights: no hooks, no OpenFlamingo code involved.
-    bare = AutoModelForCausalLM.from_config(model.config.text_config).eval()
+    # An independent standalone LM with the same weights: its own config object (not the model's, which a bug could
+    # have altered), no hooks, no OpenFlamingo code involved.
+    bare = AutoModelForCausalLM.from_config(tiny_text_config(family)).eval()
     bare.load_state_dict(model.language_model.state_dict())
     ids = torch.tensor([text(5, 6, "I", 7, 8, "E", "I", 9, 10, 11), text(12, "I", 13, 14, 15, 16, 17, 18, 19, 20)])
     with torch.no_grad():
@@ -481,6 +482,9 @@ def test_device_map_auto_loads_and_runs(tmp_path):
 def test_from_backbones_keeps_backbone_weights(tmp_path):
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_text_config("gpt_neox")).eval()
+    # The reference: the same weights in a separately built LM with its own config, which from_backbones never sees.
+    reference_lm = AutoModelForCausalLM.from_config(tiny_text_config("gpt_neox")).eval()
+    reference_lm.load_state_dict(lm.state_dict())
     clip = CLIPModel(CLIPConfig(vision_config=tiny_vision_config().to_dict(),
                                 text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                  num_attention_heads=4, vocab_size=50, projection_dim=32),
@@ -497,7 +501,9 @@ def test_from_backbones_keeps_backbone_weights(tmp_path):
         assert type(model.vision_model).__name__ == "CLIPVisionModel"
         ids = torch.tensor([text(5, "I", 6, 7)])
         with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=ids, pixel_values=pixels(1, 1)).logits, lm(input_ids=ids).logits)
+            torch.testing.assert_close(
+                model(input_ids=ids, pixel_values=pixels(1, 1)).logits, reference_lm(input_ids=ids).logits
+            )
             px = pixels(1, 1).flatten(0, 2)
             torch.testing.assert_close(
                 model.vision_model(pixel_values=px).last_hidden_state,

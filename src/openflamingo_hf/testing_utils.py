@@ -77,8 +77,8 @@ def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: f
     """
     A tiny random OpenFlamingo and a matching `OpenFlamingoProcessor`, consistent with each other as a converted
     release is: the tokenizer has the special tokens, the model's vocabulary is `len(tokenizer)`, `media_token_id` /
-    `eoc_token_id` / pad come from the processor, images are preprocessed to the tiny vision tower's size, and the
-    generation config stops at `<|endofchunk|>`.
+    `eoc_token_id` / pad come from the processor, images are preprocessed to the tiny vision tower's size, and (as for
+    every OpenFlamingo whose config knows the ids) the generation config stops at `<|endofchunk|>`.
 
     Args:
         family: language-model family of `openflamingo_hf.tiny_models.tiny_text_config`.
@@ -113,9 +113,6 @@ def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: f
             for block in model.gated_cross_attn_layers.values():
                 block.attn_gate.fill_(gate)
                 block.ff_gate.fill_(gate)
-    model.generation_config.eos_token_id = processor.eoc_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model, processor
 
 

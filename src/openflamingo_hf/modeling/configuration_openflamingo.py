@@ -77,6 +77,9 @@ class OpenFlamingoConfig(PreTrainedConfig):
     """
 
     model_type = "openflamingo"
+    # Outputs that `Trainer.evaluate` / `predict` must not gather as predictions (they are not per-token scores, and
+    # the caches are not tensors): predictions are then the logits, as for any causal LM.
+    keys_to_ignore_at_inference = ["cache", "media_cache", "image_hidden_states"]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
             config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L_14
@@ -134,6 +137,17 @@ class OpenFlamingoConfig(PreTrainedConfig):
     def _sub_config_attn_implementation(self, key: str) -> str | None:
         sub_config = getattr(self, key)
         return getattr(sub_config, "_attn_implementation", None) if isinstance(sub_config, PreTrainedConfig) else None
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        """The language model's position limit (under whichever name its config uses), so that `generate` sees it
+        on this top-level config and warns and caps `max_length` as it does for the bare LM."""
+        text_config = self.text_config
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
+            value = getattr(text_config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
 
     @property
     def vision_hidden_size(self) -> int:

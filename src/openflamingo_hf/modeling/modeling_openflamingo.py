@@ -22,16 +22,29 @@ import contextvars
 import copy
 import functools
 import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
 
 from .configuration_openflamingo import OpenFlamingoConfig
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
@@ -404,6 +417,10 @@ def openflamingo_generation_config(
         generation_config.eos_token_id = config.eoc_token_id
     if getattr(text_config, "pad_token_id", None) is not None:
         generation_config.pad_token_id = text_config.pad_token_id
+    # No longer "derived from the model config" (a marker saved into generation_config.json): loading such a file
+    # would apply these settings again, over the user's.
+    generation_config._from_model_config = False
+    generation_config._original_object_hash = hash(generation_config)
     return generation_config
 
 
@@ -447,6 +464,29 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, but strict: a checkpoint whose weights do not fit the config raises
+        instead of loading with freshly initialised (or dropped) weights and a report line. The usual cause is an
+        architecture override (e.g. another `cross_attn_every_n_layers`) that moves the trained gated blocks.
+
+        Args:
+            strict: `False` restores transformers' behaviour (missing weights initialised anew, unexpected ones
+                dropped, both reported), e.g. to add frame embeddings to a trained model before training them.
+            *model_args, **kwargs: as for `PreTrainedModel.from_pretrained`.
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise _unreadable_weights_error(pretrained_model_name_or_path, error) from error
+        if strict:
+            _check_loading_info(pretrained_model_name_or_path, loading_info)
+        return (model, loading_info) if wants_loading_info else model
+
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
         if isinstance(module, GatedCrossAttentionBlock):
@@ -478,7 +518,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         vision_model: PreTrainedModel | None = None,
         language_model: PreTrainedModel | None = None,
     ):
+        # A given backbone's own config becomes the sub-config, so that the config describes the module it holds
+        # (and saves what it holds), with no second copy to drift apart.
+        for key, backbone in (("vision_config", vision_model), ("text_config", language_model)):
+            if backbone is not None:
+                _check_backbone_config(key, getattr(config, key), backbone.config)
+                setattr(config, key, backbone.config)
         super().__init__(config)
+        # Stop at <|endofchunk|>, pad with the LM's pad token (see `openflamingo_generation_config`).
+        self.generation_config = openflamingo_generation_config(config, self.generation_config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         self.language_model = language_model if language_model is not None else _build_language_model(config)
@@ -511,6 +559,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def get_decoder(self):
         return self.language_model.get_decoder()
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """`from_pretrained`'s loading of the generation config; a folder without `generation_config.json` gets one
+        derived from `config.json`, which is then given OpenFlamingo's stop and pad tokens."""
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = openflamingo_generation_config(self.config, self.generation_config)
 
     # ---------------------------------------------------------------- construction from pretrained backbones
     @classmethod
@@ -562,10 +617,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if processor is not None:
             num_embeddings = processor.update_model_config(model.config, set_vocab_size=False)
             model.resize_token_embeddings(num_embeddings)
+            model.generation_config = openflamingo_generation_config(model.config, model.generation_config)
         return model.to(language_model.dtype)
 
     # ---------------------------------------------------------------- images
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _check_is_tensor("pixel_values", pixel_values)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(
+                "pixel_values contain NaN or infinite values, which would make every output NaN. Check how the images "
+                "were read and preprocessed (OpenFlamingoProcessor refuses such images)."
+            )
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
         channels = getattr(self.config.vision_config, "num_channels", 3)
@@ -577,6 +639,91 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "(e.g. pixel_values[:, None, None] for one image per sample)."
             )
         return pixel_values
+
+    def _check_image_features(self, image_features: torch.Tensor, batch_size: int) -> None:
+        _check_is_tensor("image_features", image_features)
+        expected = f"(batch={batch_size}, num_images, num_latents, {self.config.vision_hidden_size})"
+        if image_features.ndim != 4 or image_features.shape[-1] != self.config.vision_hidden_size:
+            raise ValueError(
+                f"image_features must have shape {expected} (the Perceiver output, `outputs.image_hidden_states`); "
+                f"got {tuple(image_features.shape)}."
+            )
+        if image_features.shape[0] != batch_size:
+            raise ValueError(
+                f"Images are given for {image_features.shape[0]} samples but the text has {batch_size}: give one list "
+                f"of images per sample (image_features must be {expected})."
+            )
+
+    def _check_text_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        past_length: int,
+    ) -> None:
+        """Shapes and ranges of the text inputs, checked here so that a mistake gets a message rather than an
+        `IndexError` from inside the language model (or, worse, a silently wrong result)."""
+        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                            ("attention_mask", attention_mask), ("labels", labels)):
+            _check_is_tensor(name, value)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, seq_len); got {tuple(input_ids.shape)}. For one sequence use "
+                "input_ids[None]."
+            )
+        if inputs_embeds is not None and inputs_embeds.ndim != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, dim); got {tuple(inputs_embeds.shape)}.")
+        batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if batch_size == 0 or seq_len == 0:
+            raise ValueError(
+                f"The batch is empty: input_ids has shape {(batch_size, seq_len)}. Give at least one sample with at "
+                "least one token."
+            )
+        if input_ids is not None and past_length == 0 and not torch.compiler.is_compiling():
+            self._check_token_range(input_ids)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            expected = (batch_size, past_length + seq_len)
+            if tuple(attention_mask.shape) != expected:
+                cached = f" ({past_length} cached + {seq_len} new tokens)" if past_length else ""
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new tokens) = {expected}{cached}; got "
+                    f"{tuple(attention_mask.shape)}. Pass the mask that belongs to input_ids (the processor returns "
+                    "both)."
+                )
+        if labels is not None and tuple(labels.shape) != (batch_size, seq_len):
+            raise ValueError(
+                f"labels must have the shape of input_ids, {(batch_size, seq_len)}; got {tuple(labels.shape)}. "
+                "Label each input position (-100 where no loss is wanted); the model shifts them itself."
+            )
+        self._check_sequence_length(past_length + seq_len)
+
+    def _check_token_range(self, input_ids: torch.LongTensor) -> None:
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = input_ids.min(), input_ids.max()
+        if bool((low < 0) | (high >= vocab_size)):
+            bad = int(low) if int(low) < 0 else int(high)
+            raise ValueError(
+                f"input_ids hold token id {bad}, outside the language model's vocabulary [0, {vocab_size}). Use the "
+                "model's own tokenizer (its OpenFlamingoProcessor); after adding tokens to it, call "
+                "`model.resize_token_embeddings(len(tokenizer))`."
+            )
+
+    def _check_sequence_length(self, length: int) -> None:
+        """Beyond its position limit an LM with learned positions (or MPT's fixed ALiBi table) indexes out of range:
+        refuse; one with relative positions (RoPE, MosaicGPT's ALiBi) runs on, degraded: warn as generate does."""
+        limit = self.config.max_position_embeddings
+        if limit is None or length <= limit:
+            return
+        message = (
+            f"The sequence is {length} tokens long (cached tokens included) but the language model "
+            f"({self.config.get_text_config().model_type}) was built for at most {limit} positions."
+        )
+        if _has_fixed_position_table(self.language_model):
+            raise ValueError(message + " Shorten the prompt (fewer demonstrations) or lower max_new_tokens.")
+        logger.warning_once(message + " Its outputs beyond that are unreliable.")
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
@@ -747,7 +894,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both.")
         has_images = pixel_values is not None or image_features is not None or media_cache is not None
-        continuing = cache is not None and cache.get_seq_length() > 0
+        past_length = cache.get_seq_length() if cache is not None else 0
+        continuing = past_length > 0
+        self._check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, past_length)
+        if has_images and self.config.media_token_id is None:
+            raise ValueError(_NO_MEDIA_TOKEN_ID)
 
         if media_index is None:
             if input_ids is None:
@@ -771,12 +922,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values)
             image_hidden_states = image_features
-            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            if image_features.ndim != 4 or image_features.shape[0] != batch_size:
-                raise ValueError(
-                    f"Images are given for {image_features.shape[0]} samples but the text has {batch_size}: give one "
-                    "list of images per sample (image_features must be (batch, num_images, num_latents, dim))."
-                )
+            self._check_image_features(image_features, (input_ids if input_ids is not None else inputs_embeds).shape[0])
             if image_mask is None and input_ids is None:
                 raise ValueError("With inputs_embeds instead of input_ids, pass image_mask to say which images exist.")
             if input_ids is not None:
@@ -846,15 +992,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             input_ids = kwargs.pop("inputs", None)
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both.")
+        if pixel_values is not None or image_features is not None:
+            if input_ids is None:
+                raise ValueError("generate() with images needs input_ids holding one <image> token per image.")
+            if self.config.media_token_id is None:
+                raise ValueError(_NO_MEDIA_TOKEN_ID)
+            self._check_text_inputs(input_ids, None, kwargs.get("attention_mask"), None, 0)
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
-            if input_ids is None:
-                raise ValueError("generate() with images needs input_ids holding one <image> token per image.")
-            if image_features.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"Images are given for {image_features.shape[0]} samples but the text has {input_ids.shape[0]}."
-                )
+            self._check_image_features(image_features, input_ids.shape[0])
             kwargs["image_features"] = image_features
             kwargs["image_mask"] = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
         elif input_ids is not None and self.config.media_token_id is not None:
@@ -894,6 +1041,88 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if getattr(outputs, "media_cache", None) is not None:
             model_kwargs["media_cache"] = outputs.media_cache
         return model_kwargs
+
+
+_NO_MEDIA_TOKEN_ID = (
+    "config.media_token_id is not set, so the model cannot tell where the images go. Set it to the id of the <image> "
+    "token: `processor.update_model_config(model.config)` (or from_backbones(..., processor=processor))."
+)
+
+
+def _check_is_tensor(name: str, value) -> None:
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor, got {type(value).__name__}. Call the processor with "
+            "return_tensors='pt' (or convert with torch.as_tensor)."
+        )
+
+
+# Language-model types whose position encoding is a table of fixed size even though they have no learned position
+# embedding (MPT precomputes its ALiBi biases for max_seq_len positions).
+FIXED_POSITION_TABLE_TYPES = ("mpt",)
+# Names of learned absolute position embeddings (GPT-2 / GPT-J style `wpe`, OPT / BART style `embed_positions`, ...).
+LEARNED_POSITION_EMBEDDING_NAMES = ("wpe", "embed_positions", "position_embeddings")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fixed_position_table_type(model_type: str, module_names: tuple[str, ...]) -> bool:
+    return model_type in FIXED_POSITION_TABLE_TYPES or any(
+        name.rsplit(".", 1)[-1] in LEARNED_POSITION_EMBEDDING_NAMES for name in module_names
+    )
+
+
+def _has_fixed_position_table(language_model: nn.Module) -> bool:
+    """Whether the LM indexes a table of positions (and so fails past its limit) rather than extrapolating."""
+    names = tuple(name for name, module in language_model.named_modules() if isinstance(module, nn.Embedding))
+    return _has_fixed_position_table_type(language_model.config.model_type, names)
+
+
+def _check_loading_info(source, loading_info: dict) -> None:
+    """Raises when a checkpoint and the model built from the config do not have the same weights."""
+    missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+    if not missing and not unexpected:
+        return
+    shown = lambda keys: ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")  # noqa: E731
+    problems = ([f"weights the model needs but the checkpoint lacks: {shown(missing)}"] if missing else []) + (
+        [f"weights in the checkpoint that the model has no place for: {shown(unexpected)}"] if unexpected else []
+    )
+    raise ValueError(
+        f"The weights at {source} do not fit the model's config; " + "; ".join(problems) + ". This happens when "
+        "the architecture is changed at load time (e.g. another cross_attn_every_n_layers moves the gated blocks). "
+        "Load with the saved config, or pass strict=False to initialise missing weights anew and drop unexpected ones."
+    )
+
+
+def _unreadable_weights_error(source, error: Exception) -> OSError:
+    """Names the safetensors file that cannot be read (a truncated download or copy), which safetensors does not."""
+    folder = Path(os.fspath(source)) if source is not None and os.path.isdir(os.fspath(source)) else None
+    bad = []
+    for path in sorted(folder.glob("*.safetensors")) if folder is not None else []:
+        try:
+            with safe_open(path, framework="pt") as file:
+                for key in file.keys():
+                    file.get_slice(key)
+        except (SafetensorError, OSError):
+            bad.append(str(path))
+    where = ", ".join(bad) if bad else f"the weights of {source}"
+    return OSError(
+        f"Cannot read {where} ({error}). The file is probably truncated or corrupt (an interrupted download or copy): "
+        "download or save it again."
+    )
+
+
+def _check_backbone_config(key: str, expected: PreTrainedConfig, given: PreTrainedConfig) -> None:
+    """A backbone passed to the model must be of the kind its config describes."""
+    mismatched = [
+        f"{name}={getattr(given, name, None)!r} (config: {getattr(expected, name, None)!r})"
+        for name in ("model_type", "hidden_size", "num_hidden_layers")
+        if getattr(given, name, None) != getattr(expected, name, None)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The {key[: -len('_config')]} model given does not match config.{key}: " + ", ".join(mismatched)
+            + ". Build the config from the backbone (OpenFlamingoForConditionalGeneration.from_backbones does)."
+        )
 
 
 def _build_language_model(config: OpenFlamingoConfig) -> PreTrainedModel:
