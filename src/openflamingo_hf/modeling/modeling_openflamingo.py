@@ -585,6 +585,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         Builds a fresh OpenFlamingo (new Perceiver, new gated blocks with zero gates) around pretrained backbones.
 
+        The backbones are used, not copied: they become `model.vision_model` / `model.language_model`, and their
+        config objects become `model.config.vision_config` / `text_config`, unchanged (attention implementation
+        included), so a zero-gate model computes exactly what the language model computed before. The only changes
+        made to them: with `processor`, the LM's embeddings are resized to the tokenizer and its config gets that
+        vocabulary size and the pad id; a composite vision checkpoint is not changed (its tower is extracted).
+        The generation config stops at `<|endofchunk|>` when its id is known.
+
         Args:
             vision_model: a vision model instance, or a name/path loaded with `AutoModel.from_pretrained`. A
                 composite checkpoint with a `vision_config` (e.g. a full CLIP) contributes its vision tower.
