@@ -457,14 +457,22 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     checkpoint["perceiver.unexpected"] = torch.zeros(2)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    # A checkpoint that does not fit the architecture: one error line, exit status 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     assert "perceiver.unexpected" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
-    assert main(["--output", str(tmp_path / "out2")]) == 1
+    # Usage problems: argparse's exit status 2 (see tests/test_cli_errors.py for every kind).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2
     assert "--release NAME" in capsys.readouterr().err
     # Offline, a release cannot be downloaded: the error says how to give the checkpoint instead.
-    assert main(["--release", "OpenFlamingo-3B-vitl-mpt1b", "--output", str(tmp_path / "out3"),
-                 "--local-files-only"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--release", "OpenFlamingo-3B-vitl-mpt1b", "--output", str(tmp_path / "out3"), "--local-files-only"])
+    assert exit_info.value.code == 2
     assert "--checkpoint" in capsys.readouterr().err
 
 

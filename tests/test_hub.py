@@ -307,12 +307,13 @@ def test_generation_config_stops_at_endofchunk_when_the_model_has_none(tmp_path)
     config.text_config = tiny_text_config("llama", vocab_size=len(processor.tokenizer))
     processor.update_model_config(config)
     model = OpenFlamingoForConditionalGeneration(config).eval()
-    assert model.generation_config.eos_token_id != processor.eoc_token_id  # derived from the LM: <|endoftext|>
+    # The model owns its generation settings (openflamingo_generation_config); the export saves what it holds.
+    assert model.generation_config.eos_token_id == processor.eoc_token_id
     folder = export_for_hub(model, processor, tmp_path / "derived")
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == processor.eoc_token_id
     assert generation["pad_token_id"] == processor.tokenizer.pad_token_id
-    assert "_from_model_config" not in generation
+    assert not generation.get("_from_model_config")  # not marked as derived, so loading keeps it as it is
 
     # A generation config the user chose is kept as it is.
     model.generation_config.eos_token_id = [processor.eoc_token_id, processor.tokenizer.eos_token_id]
@@ -559,7 +560,10 @@ def test_cli(llama, tmp_path, capsys, hub_calls):
     assert main(["--model", str(source), "--output", str(tmp_path / "plain"), "--no-remote-code"]) == 0
     assert {p.name for p in (tmp_path / "plain").iterdir()} == MODEL_FILES | PROCESSOR_FILES
 
-    assert main(["--model", str(source), "--output", str(tmp_path / "plain")]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # parser.error (tests/test_cli_errors.py has every kind)
+        main(["--model", str(source), "--output", str(tmp_path / "plain")])
+    assert exit_info.value.code == 2
     assert "not empty" in capsys.readouterr().err
 
     assert main(["--model", str(source), "--output", str(tmp_path / "pushed"), "--push-to-hub", "org/name"]) == 0

@@ -29,11 +29,13 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from transformers import GenerationConfig, HfArgumentParser, PreTrainedModel, ProcessorMixin
+from transformers import HfArgumentParser, PreTrainedModel, ProcessorMixin
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 PACKAGE = "openflamingo_hf"
@@ -83,6 +85,25 @@ class ExportError(ValueError):
     """The model, the processor or the output folder cannot be exported as asked; the message says what to do."""
 
 
+class OneLineErrorParser(HfArgumentParser):
+    """
+    The `HfArgumentParser` of this package's CLIs: every error, argparse's own and those the CLI reports through
+    `parser.error`, is one `prog: error: message` line on stderr and exit status 2. argparse would print the usage
+    first, which for CLIs with this many options is a block that buries the message (`--help` shows it).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        # Collapsed to one line: messages quoting exceptions (strict-dataclass errors, key lists) span several.
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+    def parse_command_line(self, argv: Sequence[str] | None) -> Any:
+        """The one dataclass of arguments; an unknown option is a usage error, not HfArgumentParser's ValueError."""
+        (args, unknown) = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}. See --help for the options.")
+        return args
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,19 +121,17 @@ def export_for_hub(
     """
     Writes `model` and `processor` as a folder ready to be uploaded to the Hugging Face Hub.
 
-    The folder holds `model.save_pretrained` (safetensors, sharded above `max_shard_size`), `processor.save_pretrained`
-    (`processor_config.json`, tokenizer files, `chat_template.jinja`) and a `generation_config.json` that stops at
-    `<|endofchunk|>`. With `remote_code=True` it also holds the model / processor / pipeline code of this package and
-    the `auto_map` (and `custom_pipelines`) entries that make it load with `trust_remote_code=True` where
+    The folder holds `model.save_pretrained` (safetensors, sharded above `max_shard_size`, and the model's
+    `generation_config.json`, which stops at `<|endofchunk|>` unless the user chose otherwise: the model sets that
+    itself, see `openflamingo_generation_config`), `processor.save_pretrained` (`processor_config.json`, tokenizer
+    files, `chat_template.jinja`). With `remote_code=True` it also holds the model / processor / pipeline code of this
+    package and the `auto_map` (and `custom_pipelines`) entries that make it load with `trust_remote_code=True` where
     `openflamingo_hf` is not installed.
 
-    The model's own generation config is kept when it has one (loaded from a `generation_config.json`, or set or
-    changed by the user); when it only has the one transformers derives from the model config, the exported one
-    stops at `<|endofchunk|>` (`eos_token_id = processor.eoc_token_id`) and pads with the tokenizer's pad token, as
-    OpenFlamingo generates.
-
-    The folder is written next to `output_dir` first and moved into place at the end, so a failed export leaves
-    nothing behind, and the model and processor objects are not changed beyond what their `save_pretrained` does.
+    The folder is written next to `output_dir` first and swapped into place at the end (see [`staged_output_dir`]),
+    so a failed export leaves the previous `output_dir` as it was and nothing else behind, and an overwritten folder
+    holds only this export's files. The model and processor objects are not changed beyond what their
+    `save_pretrained` does.
 
     Args:
         model: an `OpenFlamingoForConditionalGeneration`.
@@ -128,7 +147,8 @@ def export_for_hub(
         `Path` of the written folder.
 
     Raises:
-        ExportError: the output folder holds files and `overwrite` is not set; the model and processor disagree on
+        ExportError: the output folder is a file, cannot be written, or holds files and `overwrite` is not set;
+            writing failed (the message names `output_dir` and the cause); the model and processor disagree on
             token ids or vocabulary size; or (remote code) a backbone's model type is not one the shipped code can
             build.
     """
@@ -137,17 +157,10 @@ def export_for_hub(
     if remote_code:
         _check_remote_code_can_build(model.config)
         code_sources = _code_sources()
-    _check_output_dir(output_dir, overwrite)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Next to the destination (same file system, so the final move is a rename); made with mkdir, not mkdtemp,
-    # so that the folder gets the usual permissions rather than mkdtemp's owner-only ones.
-    staging = output_dir.parent / f".{output_dir.name}.export-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
+    with staged_output_dir(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
-        _write_generation_config(model, processor, staging)
         if remote_code:
             for file_name, source in code_sources.items():
                 shutil.copyfile(source, staging / file_name)
@@ -158,13 +171,105 @@ def export_for_hub(
                     _update_json(staging / name, {"auto_map": dict(PROCESSOR_AUTO_MAP)})
         else:
             _strip_remote_code(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # only reached with overwrite=True (or an empty folder)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output folders (shared with openflamingo-convert)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def staged_output_dir(output_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """
+    Yields an empty staging folder next to `output_dir` to write into; when the block succeeds, the staging folder
+    replaces `output_dir` (the previous one, if any, is deleted only after the swap). When the block fails, the
+    staging folder is deleted and `output_dir` is left exactly as it was.
+
+    Writing into `output_dir` directly would mix old and new files on `overwrite`: an earlier unsharded
+    `model.safetensors` next to a new sharded index (or the reverse) is what `from_pretrained` then loads.
+
+    Raises:
+        ExportError: `output_dir` cannot be used (see [`check_output_dir`]), or an `OSError` while writing (disk
+            full, permissions); the message names `output_dir`, never the staging folder.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    tag = uuid.uuid4().hex[:12]
+    # Next to the destination (same file system, so the swap is a rename); made with mkdir, not mkdtemp, so that
+    # the folder gets the usual permissions rather than mkdtemp's owner-only ones.
+    staging = output_dir.parent / f".{output_dir.name}.staging-{tag}"
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        yield staging
+        _swap_in(staging, output_dir, tag)
+    except OSError as error:
+        cause = str(error).replace(str(staging), str(output_dir))
+        raise ExportError(
+            f"Could not write {output_dir} ({type(error).__name__}: {cause}); nothing was changed there. Free space "
+            "or fix the permissions, or choose another output folder."
+        ) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+
+
+def _swap_in(staging: Path, output_dir: Path, tag: str) -> None:
+    """Moves `staging` to `output_dir`; a previous `output_dir` is moved aside first and restored if that fails."""
+    if not output_dir.exists() and not output_dir.is_symlink():
+        os.replace(staging, output_dir)
+        return
+    previous = output_dir.parent / f".{output_dir.name}.previous-{tag}"
+    os.replace(output_dir, previous)
+    try:
         os.replace(staging, output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.replace(previous, output_dir)
         raise
-    return output_dir
+    if previous.is_symlink():  # the output path was a link to a folder: drop the link, not what it points to
+        previous.unlink()
+    else:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """
+    Raises `ExportError` unless `output_dir` can become the output folder: a folder or nothing, empty unless
+    `overwrite`, not the home, current or root folder, and inside a folder this process may write to (the staging
+    folder and the swap need that, not write access to `output_dir` itself).
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f"{output_dir} exists and is not a folder. Choose another output path.")
+    problem = unwritable_location(output_dir)
+    if problem:
+        raise ExportError(f"Cannot write {output_dir}: {problem}. Choose another output path.")
+    if not output_dir.is_dir():
+        return
+    present = sorted(p.name for p in output_dir.iterdir())
+    if present and not overwrite:
+        shown = ", ".join(present[:5]) + (f", ... ({len(present)} entries)" if len(present) > 5 else "")
+        raise ExportError(
+            f"{output_dir} is not empty (it holds {shown}). Choose a new or empty folder, or pass "
+            "overwrite=True (CLI: --overwrite) to replace everything in it."
+        )
+    if present and output_dir.resolve() in (Path.home().resolve(), Path.cwd().resolve(), Path("/").resolve()):
+        raise ExportError(
+            f"Refusing to replace {output_dir}, which is the home, current or root folder. Choose a new folder."
+        )
+
+
+def unwritable_location(path: Path) -> str | None:
+    """
+    Why a file or folder cannot be created (or replaced) at `path`, or `None`: its nearest existing ancestor folder
+    must be a folder this process may write to. A cheap check made before hours of work, not a guarantee.
+    """
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is not writable"
+    return None
 
 
 def _check_model_and_processor(model: PreTrainedModel, processor: ProcessorMixin) -> None:
@@ -266,52 +371,6 @@ def _code_sources() -> dict[str, Path]:
 
 def _model_remote_code_entries() -> dict[str, Any]:
     return {"auto_map": dict(MODEL_AUTO_MAP), "custom_pipelines": {PIPELINE_TASK: copy.deepcopy(PIPELINE_ENTRY)}}
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExportError(f"{output_dir} exists and is not a folder. Choose another output path.")
-    if not output_dir.is_dir():
-        return
-    present = sorted(p.name for p in output_dir.iterdir())
-    if present and not overwrite:
-        shown = ", ".join(present[:5]) + (f", ... ({len(present)} entries)" if len(present) > 5 else "")
-        raise ExportError(
-            f"{output_dir} is not empty (it holds {shown}). Export into a new or empty folder, or pass "
-            "overwrite=True (CLI: --overwrite) to replace everything in it."
-        )
-    if present and output_dir.resolve() in (Path.home().resolve(), Path.cwd().resolve(), Path("/").resolve()):
-        raise ExportError(
-            f"Refusing to replace {output_dir}, which is the home, current or root folder. Export into a new folder."
-        )
-
-
-def _generation_values(generation_config: GenerationConfig) -> dict[str, Any]:
-    """The settings of a generation config that differ from the defaults, without bookkeeping fields."""
-    return {
-        key: value
-        for key, value in generation_config.to_diff_dict().items()
-        if not key.startswith("_") and key != "transformers_version"
-    }
-
-
-def _write_generation_config(model: PreTrainedModel, processor: ProcessorMixin, folder: Path) -> None:
-    """
-    Keeps the generation config `model.save_pretrained` wrote when the model has one of its own; otherwise (it only
-    has the one transformers derives from the model config) writes one that stops at `<|endofchunk|>`.
-    """
-    derived = _generation_values(GenerationConfig.from_model_config(model.config))
-    own = model.generation_config
-    # Compared by value, not by transformers' `_from_model_config` marker: that marker is saved to and loaded from
-    # generation_config.json, so it also sits on configs the user changed before saving.
-    if own is not None and _generation_values(own) != derived:
-        return
-    values = dict(derived)
-    values["eos_token_id"] = processor.eoc_token_id
-    if processor.tokenizer.pad_token_id is not None:
-        values["pad_token_id"] = processor.tokenizer.pad_token_id
-    # A fresh object, so the file carries no `_from_model_config` marker.
-    GenerationConfig(**values).save_pretrained(folder)
 
 
 def _update_json(path: Path, entries: dict[str, Any]) -> None:
@@ -430,18 +489,28 @@ class ExportArguments:
     private: bool = field(default=False, metadata={"help": "With --push-to-hub: create the repository private."})
 
 
+def build_parser() -> OneLineErrorParser:
+    return OneLineErrorParser(
+        ExportArguments,
+        prog="openflamingo-export",
+        description="Load an OpenFlamingo model and its processor, write a Hub folder, optionally push it.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`openflamingo-export`: load a model and its processor, write a Hub folder, optionally push it."""
-    parser = HfArgumentParser(ExportArguments, description=main.__doc__)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    importlib.import_module(PACKAGE)  # registers OpenFlamingo with the Auto classes
-
+    """
+    Entry point of `openflamingo-export`: 0 on success. A problem with the arguments or the export is one
+    `openflamingo-export: error: ...` line on stderr and exit status 2; the arguments are checked before the model
+    is loaded.
+    """
+    parser = build_parser()
+    args = parser.parse_command_line(argv)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto")
-        processor = AutoProcessor.from_pretrained(args.processor or args.model)
+        _check_model_source("--model", args.model, needs_config=True)
+        if args.processor:
+            _check_model_source("--processor", args.processor, needs_config=False)
+        check_output_dir(Path(args.output), args.overwrite)
+        model, processor = _load_model_and_processor(args)
         folder = export_for_hub(
             model,
             processor,
@@ -451,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except ExportError as error:
-        print(f"openflamingo-export: error: {error}", file=sys.stderr)
-        return 2
+        parser.error(str(error))
     print(f"Wrote {folder} ({'remote code' if args.remote_code else 'plain'}):")
     for path in sorted(folder.iterdir()):
         print(f"  {path.name}")
@@ -462,8 +530,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_model_source(option: str, source: str, *, needs_config: bool) -> None:
+    """
+    A local folder must exist (and, for the model, hold config.json); anything else must at least look like a Hub
+    repo id, so that a mistyped path fails here and not after a download attempt.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(source)
+    if path.is_dir():
+        if needs_config and not (path / CONFIG_FILE).is_file():
+            raise ExportError(
+                f"{option} {source} has no {CONFIG_FILE}, so it is not a transformers model folder. Give the output "
+                "folder of openflamingo-convert (or of save_pretrained)."
+            )
+        return
+    if path.exists():
+        raise ExportError(f"{option} {source} is a file; give a model folder or a Hub repo id (org/name).")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ExportError(f"{option} {source}: no such folder, and not a Hub repo id (org/name) either.") from None
+
+
+def _load_model_and_processor(args: ExportArguments) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    importlib.import_module(PACKAGE)  # registers OpenFlamingo with the Auto classes
+    option, source = "--model", args.model
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto")
+        option, source = ("--processor", args.processor) if args.processor else (option, source)
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:  # missing files, unknown model type, Hub errors: the message says which
+        raise ExportError(f"{option} {source} could not be loaded ({type(error).__name__}: {error}).") from error
+    return model, processor
+
+
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ExportArguments", "ExportError", "export_for_hub", "main", "push_export_to_hub"]
+__all__ = [
+    "ExportArguments",
+    "ExportError",
+    "OneLineErrorParser",
+    "check_output_dir",
+    "export_for_hub",
+    "main",
+    "push_export_to_hub",
+    "staged_output_dir",
+]

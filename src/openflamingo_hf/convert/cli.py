@@ -13,22 +13,31 @@ The folder holds sharded safetensors, `config.json`, the processor (tokenizer wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
+import pickle
+import re
 import sys
+import tarfile
 import textwrap
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers import HfArgumentParser
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
+from ..hub import ExportError, OneLineErrorParser, check_output_dir, staged_output_dir, unwritable_location
 from ..modeling.configuration_openflamingo import OpenFlamingoConfig
 from ..modeling.modeling_openflamingo import (
     OpenFlamingoForConditionalGeneration,
     _load_vision_tower,
     _vision_tower_config,
+    openflamingo_generation_config,
 )
 from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
 from ..releases import (
@@ -153,8 +162,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
-def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(
+def build_parser() -> OneLineErrorParser:
+    return OneLineErrorParser(
         ConvertArguments,
         prog="openflamingo-convert",
         description=textwrap.dedent(
@@ -180,7 +189,28 @@ def build_parser() -> HfArgumentParser:
 
 
 class UsageError(ValueError):
-    """The arguments do not describe a conversion that can be done."""
+    """The arguments do not describe a conversion that can be done (exit status 2, through `parser.error`)."""
+
+
+# OpenFlamingoConfig fields that the converter sets itself, so an override of them would be overwritten or would
+# contradict the files it reads: field -> where its value comes from.
+DERIVED_CONFIG_FIELDS = {
+    "vision_config": "the config of --vision-model",
+    "text_config": "the config of --language-model",
+    "media_token_id": "the tokenizer (<image>)",
+    "eoc_token_id": "the tokenizer (<|endofchunk|>)",
+    "tie_word_embeddings": "the language model's config",
+}
+
+
+def overridable_config_fields() -> list[str]:
+    """The fields OpenFlamingoConfig declares itself (not PreTrainedConfig's bookkeeping) that --config-overrides may set."""
+    inherited = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    return [
+        f.name
+        for f in dataclasses.fields(OpenFlamingoConfig)
+        if f.name not in inherited and f.name not in DERIVED_CONFIG_FIELDS
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,22 +230,154 @@ def _download_checkpoint(release: OpenFlamingoRelease, local_files_only: bool) -
         ) from error
 
 
-def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """Reads an original checkpoint: `.safetensors`, or a pickle read with `torch.load(weights_only=True)`."""
+def check_checkpoint_file(path: str) -> str:
+    """
+    Cheap checks that `path` is a whole checkpoint file, before anything is loaded; returns its format: "safetensors"
+    (header and data sizes are validated), "torch-zip" (the zip directory at its end must be readable, so a truncated
+    download fails here) or "torch-legacy" (torch.save's old pickle or tar format: only recognised here, checked when
+    it is read). The format is recognised from the content, not the file name.
+    """
     if not os.path.isfile(path):
-        raise UsageError(f"--checkpoint {path}: no such file.")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        raise UsageError(f"{path}: no such file.")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise UsageError(f"{path} is empty; download or save the checkpoint again.")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's default (zip) format
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise UsageError(f"{path} is truncated or corrupt ({error}); download or save it again.") from error
+        return "torch-zip"
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        from safetensors import safe_open
 
-        return load_file(path)
+        try:
+            with safe_open(path, framework="pt"):  # checks that the header's tensors cover the file exactly
+                pass
+        except Exception as error:  # SafetensorError is not exported under a stable name
+            raise UsageError(f"{path} is truncated or corrupt ({error}); download or save it again.") from error
+        return "safetensors"
+    if head.startswith(b"\x80") or tarfile.is_tarfile(path):  # a pickle stream (protocol 2+), or the oldest format
+        return "torch-legacy"
+    raise UsageError(
+        f"{path} is not a checkpoint (neither safetensors nor a torch.save file; it starts with {head!r}). If it was "
+        "downloaded, it may be an error page: download it again."
+    )
+
+
+def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """
+    Reads an original checkpoint: safetensors, or a torch.save file read with `torch.load(weights_only=True)`. Any
+    failure to read is a `UsageError` naming the file.
+    """
+    file_format = check_checkpoint_file(path)
     try:
+        if file_format == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # torch reports a damaged file as OSError, RuntimeError, KeyError, EOFError, ...
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and refused:
+            raise UsageError(
+                f"Could not read {path} with torch.load(weights_only=True): it holds pickled objects other than "
+                f"tensors and plain containers ({refused.group(1)}), which are refused. Load it yourself in a trusted "
+                "environment and save its state dict with torch.save(state_dict, path)."
+            ) from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UsageError(
-            f"Could not read {path} with torch.load(weights_only=True) ({type(error).__name__}: {error}). Only "
-            "tensors and plain containers are read, so a file holding other pickled objects is refused: load it "
-            "yourself in a trusted environment and save its state dict with torch.save(state_dict, path)."
+            f"{path} is truncated or corrupt ({type(error).__name__}: {first_line}); download or save it again."
         ) from error
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of an original checkpoint file; a file that holds no state dict is a `UsageError` too."""
+    try:
+        state_dict, _ = unwrap_checkpoint(load_checkpoint(path))
+    except ConversionError as error:
+        raise UsageError(f"{path}: {error}") from error
+    return state_dict
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """
+    The `--config-overrides` JSON object, checked: valid JSON, only fields of OpenFlamingoConfig that the converter
+    does not set itself, and values of the right types (a misspelled field would otherwise be stored and ignored).
+    """
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(
+            f"--config-overrides is not valid JSON ({error.msg} at character {error.pos} of {text!r}). Give a JSON "
+            'object, e.g. \'{"perceiver_num_heads": 8}\'.'
+        ) from error
+    if not isinstance(overrides, dict):
+        raise UsageError(f"--config-overrides must be a JSON object of OpenFlamingoConfig fields, got {text!r}.")
+    problems = [_override_key_problem(key) for key in overrides]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise UsageError(
+            f"--config-overrides: {'; '.join(problems)}. Fields that can be set: "
+            f"{', '.join(overridable_config_fields())}."
+        )
+    try:  # type and value checks of the strict config, on a throwaway config (default sub-configs are cheap)
+        OpenFlamingoConfig(**overrides)
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        raise UsageError(f"--config-overrides {text!r}: {error}") from error
+    return overrides
+
+
+def _override_key_problem(key: str) -> str | None:
+    """Why `key` cannot be overridden, with the closest valid field name; `None` if it can."""
+    valid = overridable_config_fields()
+    if key in valid:
+        return None
+    if key in DERIVED_CONFIG_FIELDS:
+        return f"{key!r} cannot be overridden, it is taken from {DERIVED_CONFIG_FIELDS[key]}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key!r} is not a field of OpenFlamingoConfig{hint}"
+
+
+def check_arguments(args: ConvertArguments) -> None:
+    """
+    Everything about the arguments that can be checked without loading anything, so that a mistake fails in a
+    second instead of after the backbones are loaded: which sources are given, the overrides, the checkpoint file,
+    and that --output and --report can be written.
+    """
+    if args.release is None and not (args.checkpoint and args.language_model and args.vision_model):
+        raise UsageError(
+            "Give --release NAME, or a local conversion with --checkpoint FILE --language-model PATH_OR_ID "
+            "--vision-model PATH_OR_ID (and optionally --tokenizer). See --help for the releases."
+        )
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
+    parse_config_overrides(args.config_overrides)
+    try:
+        check_output_dir(Path(args.output), args.overwrite)
+    except ExportError as error:
+        raise UsageError(f"--output: {error}") from error  # the message names the folder
+    if args.report:
+        _check_report_path(Path(args.report))
+    if args.checkpoint:
+        try:
+            check_checkpoint_file(args.checkpoint)
+        except UsageError as error:
+            raise UsageError(f"--checkpoint {error}") from error
+
+
+def _check_report_path(report: Path) -> None:
+    if report.is_dir():
+        raise UsageError(f"--report {report} is a folder; give the path of a JSON file to write.")
+    problem = unwritable_location(report)
+    if problem is None and report.exists() and not os.access(report, os.W_OK):
+        problem = f"the file {report} is not writable"
+    if problem:
+        raise UsageError(f"--report {report} cannot be written: {problem}. Choose another path.")
 
 
 def _infer_perceiver_fields(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -246,9 +408,7 @@ def build_config(
     ids come from the processor's tokenizer; the vocabulary size is the number of rows of the checkpoint's embedding.
     """
     normalized = {normalize_original_key(k): v for k, v in state_dict.items()}
-    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-    if not isinstance(overrides, dict):
-        raise UsageError(f"--config-overrides must be a JSON object, got {args.config_overrides!r}.")
+    overrides = parse_config_overrides(args.config_overrides)
     interval = args.cross_attn_every_n_layers or infer_cross_attn_every_n_layers(normalized)
 
     if release is not None:
@@ -385,42 +545,22 @@ with `<image>Question:{{question}} Short answer:` for the query.
 
 
 def convert(args: ConvertArguments) -> ConversionReport:
-    """Runs the conversion described by `args` and writes the output folder."""
+    """
+    Runs the conversion described by `args` and writes the output folder (through a staging folder swapped in at the
+    end, so a failed conversion leaves a previous output as it was and an overwritten one holds only new files).
+    """
+    check_arguments(args)
     release = get_release(args.release) if args.release else None
-    if release is None and not (args.checkpoint and args.language_model and args.vision_model):
-        raise UsageError(
-            "Give --release NAME, or a local conversion with --checkpoint FILE --language-model PATH_OR_ID "
-            "--vision-model PATH_OR_ID (and optionally --tokenizer). See --help for the releases."
-        )
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise UsageError(f"--output {output} exists and is not empty. Choose another folder or pass --overwrite.")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
     dtype = DTYPES[args.dtype]
-
     language_model = args.language_model or release.language_model
     vision_model = args.vision_model or release.vision_model
-    tokenizer_path = args.tokenizer or (release.tokenizer if release and not args.language_model else language_model)
     checkpoint_path = args.checkpoint or _download_checkpoint(release, args.local_files_only)
     print(f"Reading {checkpoint_path}")
-    state_dict, _ = unwrap_checkpoint(load_checkpoint(checkpoint_path))
+    state_dict = read_checkpoint(checkpoint_path)
 
     # Processor first: adding the special tokens fixes their ids, which the config and the checks need.
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_path, local_files_only=args.local_files_only, trust_remote_code=False
-    )
-    if args.image_processor:
-        image_processor = AutoImageProcessor.from_pretrained(args.image_processor, local_files_only=args.local_files_only)
-    elif release is None:
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(vision_model, local_files_only=args.local_files_only)
-        except OSError:
-            print(f"{vision_model} has no image processor; using OpenAI CLIP preprocessing at 224 px.")
-            image_processor = default_image_processor()
-    else:
-        image_processor = default_image_processor()
-    processor = OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = _build_processor(args, release, language_model, vision_model)
     config = build_config(args, release, state_dict, processor)
 
     print(f"Loading the language model {language_model} and the vision tower {vision_model}")
@@ -445,33 +585,54 @@ def convert(args: ConvertArguments) -> ConversionReport:
         None, config=config, state_dict={k: v.to(dtype) for k, v in converted.items()}, dtype=dtype
     )
     del converted, lm, vision
-    text_config = config.get_text_config()
-    model.generation_config = GenerationConfig(
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=config.eoc_token_id,  # the original stopped generation at <|endofchunk|>
-        pad_token_id=processor.tokenizer.pad_token_id,
-        max_new_tokens=20,
-    )
+    # The model's own settings (stop at <|endofchunk|>, the original's stop token), plus a default answer length.
+    model.generation_config = openflamingo_generation_config(model.config, model.generation_config)
+    model.generation_config.max_new_tokens = 20
 
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
-    processor.save_pretrained(output)
-    (output / "README.md").write_text(render_model_card(str(output), release, args, config), encoding="utf-8")
+    with staged_output_dir(output, overwrite=args.overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(render_model_card(str(output), release, args, config), encoding="utf-8")
     if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
     print(f"Wrote {output}")
     return report
 
 
+def _build_processor(
+    args: ConvertArguments, release: OpenFlamingoRelease | None, language_model: str, vision_model: str
+) -> OpenFlamingoProcessor:
+    """The tokenizer (OpenFlamingo's tokens are added by the processor) and the image processor of the output."""
+    tokenizer_path = args.tokenizer or (release.tokenizer if release and not args.language_model else language_model)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_path, local_files_only=args.local_files_only, trust_remote_code=False
+    )
+    if args.image_processor:
+        image_processor = AutoImageProcessor.from_pretrained(args.image_processor, local_files_only=args.local_files_only)
+    elif release is None:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model, local_files_only=args.local_files_only)
+        except OSError:
+            print(f"{vision_model} has no image processor; using OpenAI CLIP preprocessing at 224 px.")
+            image_processor = default_image_processor()
+    else:
+        image_processor = default_image_processor()
+    return OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `openflamingo-convert`; returns the exit status (0 on success, 1 on a conversion problem)."""
+    """
+    Entry point of `openflamingo-convert`. Returns 0 on success; every error (bad arguments or input files, a
+    checkpoint whose keys do not fit the architecture, an output that cannot be written) is one
+    `openflamingo-convert: error: ...` line and exit status 2.
+    """
     parser = build_parser()
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parser.parse_command_line(argv)
     try:
         convert(args)
-    except (UsageError, ConversionError) as error:
-        print(f"openflamingo-convert: error: {error}", file=sys.stderr)
-        return 1
+    except (UsageError, ConversionError, ExportError) as error:
+        parser.error(str(error))
     return 0
 
 

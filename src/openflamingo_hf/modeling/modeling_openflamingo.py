@@ -419,7 +419,7 @@ def openflamingo_generation_config(
         generation_config.pad_token_id = text_config.pad_token_id
     # No longer "derived from the model config" (a marker saved into generation_config.json): loading such a file
     # would apply these settings again, over the user's.
-    generation_config._from_model_config = False
+    generation_config._from_model_config = None
     generation_config._original_object_hash = hash(generation_config)
     return generation_config
 

@@ -16,18 +16,23 @@ latest one before it. The processor therefore keeps the markers as they are, and
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 from importlib import resources
+from io import BytesIO
 from typing import Any
 
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers import BatchFeature, PreTrainedTokenizerBase
 from transformers.image_utils import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    ChannelDimension,
     ImageInput,
     PILImageResampling,
     is_valid_image,
@@ -246,10 +251,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or (nested) lists of them, *optional*):
                 One image, a list of images for one sample, or a list of lists (one list per sample) for a batch.
-                Arrays and tensors may be `(H, W, C)` or `(C, H, W)`. A string is read as an image file path (or an
-                http(s) URL / base64 data, through `transformers.image_utils.load_image`). A flat list given with
-                a batch of texts is split over the samples in order, by their `<image>` counts; if no text has a
-                marker and there is one image per text, each sample gets one image.
+                A string is read as an image file path, base64 image data, or an http(s) URL (downloaded by
+                `transformers.image_utils.load_image`, which returns it as 8-bit RGB). A flat list given with a
+                batch of texts is split over the samples in order, by their `<image>` counts; if no text has a
+                marker and there is one image per text, each sample gets one image. See *Images* below for the
+                pixel values and layouts accepted.
+            input_data_format (`"channels_first"` or `"channels_last"`, *optional*):
+                The channel axis of 3-D image arrays / tensors, when the layout rule below would guess wrong.
             text (`str` or `list[str]`, *optional*):
                 One text or a batch; `<image>` marks where each image goes, in order.
             padding, truncation, max_length, padding_side, return_tensors, ...:
@@ -263,6 +271,26 @@ class OpenFlamingoProcessor(ProcessorMixin):
             - Images without text: each sample's text is one `<image>` per image (the zero-shot captioning prompt).
             - Truncation must not separate a marker from its image: if truncating to `max_length` would cut a
               marker, a `ValueError` says which sample, its length, and what to do.
+
+        Images:
+            Every image is turned into an 8-bit PIL image before the image processor sees it, so that each input
+            type is preprocessed exactly like the equivalent 8-bit PIL image:
+            - PIL images: 16-bit modes (`I;16*`, and `I` with values in [0, 65535]) are scaled to 8 bits
+              (`round(v / 257)`); mode `F` follows the float rule below. Other modes (`L`, `RGBA`, `LA`, `P`, ...)
+              are passed on; the image processor converts them to RGB, compositing transparency onto white.
+            - Arrays / tensors: `(H, W)` is gray; `(H, W, C)` or `(C, H, W)` with C = 1 (gray), 3 (RGB) or 4 (RGBA).
+              The channel axis is the one of size 1, 3 or 4. When both the first and the last axis could be it
+              (an image at most 4 pixels high or wide), numpy arrays are read as `(H, W, C)` (the numpy/PIL
+              convention) and torch tensors as `(C, H, W)` (the torchvision convention); pass `input_data_format`
+              to say otherwise.
+            - Pixel values by dtype: `uint8` as is; `uint16` is 16-bit (scaled by 1/257); `bool` is 0 / 255; other
+              integer dtypes must lie in [0, 255]. Floats must be finite and non-negative: if they all lie in
+              [0, 1] they are read as [0, 1] (the torchvision `ToTensor` convention) and multiplied by 255, else
+              as [0, 255] (so a [0, 255] image that is all <= 1 is read as [0, 1]); values above 255 are refused.
+              Floats are rounded to 8 bits. Clamp interpolated float images (which can overshoot [0, 1]) first.
+            - Refused with a `ValueError` naming the sample and image: empty images (no pixels), channel counts other
+              than 1, 3 or 4, NaN / infinite values, and values outside the ranges above (other dtypes, e.g.
+              complex: `TypeError`).
 
         Returns:
             [`BatchFeature`] with:
@@ -308,8 +336,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     texts[idx] = self.image_token * len(row) + sample
 
         if rows is not None:
+            channel_format = _requested_channel_format(kwargs)
             rows = [
-                [self._load_image(image, sample_idx, image_idx) for image_idx, image in enumerate(row)]
+                [self._load_image(image, sample_idx, image_idx, channel_format) for image_idx, image in enumerate(row)]
                 for sample_idx, row in enumerate(rows)
             ]
             if not any(rows):
@@ -391,38 +420,28 @@ class OpenFlamingoProcessor(ProcessorMixin):
             )
         return rows
 
-    def _load_image(self, image: Any, sample_idx: int, image_idx: int) -> Any:
-        """Reads a path / URL / base64 string into a PIL image and checks the type of everything else."""
+    def _load_image(
+        self, image: Any, sample_idx: int, image_idx: int, channel_format: ChannelDimension | None = None
+    ) -> PIL.Image.Image:
+        """
+        Turns one input image into a PIL image that the image processor preprocesses correctly (see *Images* in
+        `__call__`): reads a path / URL / base64 string, scales 16-bit and float pixels to 8 bits, lays arrays out
+        as `(H, W, C)`, and refuses what is not a valid image with a message that names it.
+        """
         where = f"Sample {sample_idx}, image {image_idx}"
         if isinstance(image, os.PathLike):
             image = os.fspath(image)
         if isinstance(image, str):
-            try:
-                return load_image(image)
-            except Exception as error:
-                shown = image if len(image) <= 120 else image[:120] + "..."
-                if image.startswith(("http://", "https://")):
-                    reason = f"could not download {shown!r} ({type(error).__name__}: {error})"
-                elif os.path.isfile(image):
-                    reason = f"{shown!r} exists but is not a readable image file ({type(error).__name__}: {error})"
-                else:
-                    reason = f"there is no image file at {shown!r} (and it is not base64 image data)"
-                raise ValueError(
-                    f"{where}: {reason}. Pass the path of a readable image file, an http(s) URL, base64 image "
-                    "data, or a PIL image."
-                ) from error
+            image = _read_image_source(image, where)
         if not is_valid_image(image):
             raise TypeError(
                 f"{where}: unsupported image type {type(image).__module__}.{type(image).__qualname__}. Pass a "
-                "PIL.Image.Image, a numpy array or torch tensor of shape (H, W, C) or (C, H, W), or a path to an "
-                "image file."
+                "PIL.Image.Image, a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W), or a path "
+                "to an image file."
             )
-        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim not in (2, 3):
-            raise ValueError(
-                f"{where}: an image array must have 2 or 3 dimensions ((H, W), (H, W, C) or (C, H, W)), got shape "
-                f"{tuple(image.shape)}."
-            )
-        return image
+        if isinstance(image, PIL.Image.Image):
+            return _normalize_pil_image(image, where)
+        return _array_to_pil_image(image, where, channel_format)
 
     def validate_inputs(
         self,
@@ -581,6 +600,210 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 new_tokens = new_tokens[: new_tokens.index(self.eoc_token_id)]
             answers.append(self.tokenizer.decode(new_tokens, skip_special_tokens=skip_special_tokens, **kwargs))
         return answers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image normalization: every image becomes an 8-bit PIL image before the image processor runs. Its own handling of
+# arrays guesses the channel axis (channels first when in doubt), rescales float [0, 1] images by 1/255 a second
+# time, and PIL clips 16-bit images to white when converting them to RGB; a PIL image in an 8-bit mode is what every
+# image processor backend handles the same, correct way.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Channel counts of an image array: gray, RGB, RGBA (as in transformers' `infer_channel_dimension_format` calls).
+_CHANNEL_COUNTS = (1, 3, 4)
+# 16-bit PIL modes. They, and the 32-bit modes `I` and `F`, are clipped (not scaled) by `Image.convert("RGB")`.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _requested_channel_format(kwargs: dict[str, Any]) -> ChannelDimension | None:
+    """The `input_data_format` the caller passed to the processor (top level or in `images_kwargs`), if any."""
+    value = kwargs.get("input_data_format") or (kwargs.get("images_kwargs") or {}).get("input_data_format")
+    return None if value is None else ChannelDimension(value)
+
+
+def _read_image_source(source: str, where: str) -> PIL.Image.Image:
+    """
+    Opens an image file path, base64 image data (optionally as a `data:image/...` URL) or an http(s) URL.
+
+    Files and base64 data are opened without a mode conversion, so that `_normalize_pil_image` can scale 16-bit
+    images instead of PIL clipping them (which `load_image`'s `convert("RGB")` does). URLs are downloaded by
+    `load_image`, which returns 8-bit RGB.
+    """
+    try:
+        if source.startswith(("http://", "https://")):
+            return load_image(source)
+        if os.path.isfile(source):
+            opened = PIL.Image.open(source)
+        else:
+            data = source.split(",", 1)[-1] if source.startswith("data:image/") else source
+            opened = PIL.Image.open(BytesIO(base64.decodebytes(data.encode())))
+        with opened:
+            # Decode here (PIL opens lazily), so that a corrupt file gets the message below; `exif_transpose`
+            # returns a copy, which outlives the file closed here.
+            opened.load()
+            return PIL.ImageOps.exif_transpose(opened)
+    except Exception as error:
+        shown = source if len(source) <= 120 else source[:120] + "..."
+        if source.startswith(("http://", "https://")):
+            reason = f"could not download {shown!r} ({type(error).__name__}: {error})"
+        elif os.path.isfile(source):
+            reason = f"{shown!r} exists but is not a readable image file ({type(error).__name__}: {error})"
+        else:
+            reason = f"there is no image file at {shown!r} (and it is not base64 image data)"
+        raise ValueError(
+            f"{where}: {reason}. Pass the path of a readable image file, an http(s) URL, base64 image data, or a PIL "
+            "image."
+        ) from error
+
+
+def _empty_image_error(where: str, description: str) -> ValueError:
+    """The error for an image without pixels (the image processor would fail on it with a `ZeroDivisionError`)."""
+    return ValueError(
+        f"{where}: the image is empty ({description}). Pass an image at least one pixel wide and high, or leave the "
+        "empty image (and its `<image>` marker) out."
+    )
+
+
+def _normalize_pil_image(image: PIL.Image.Image, where: str) -> PIL.Image.Image:
+    """Scales a 16-bit / 32-bit PIL image to an 8-bit gray one; returns 8-bit modes unchanged."""
+    if image.width == 0 or image.height == 0:
+        raise _empty_image_error(where, f"a {image.width}x{image.height} (width x height) PIL image")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = _sixteen_bit_to_uint8(np.asarray(image))
+    elif image.mode == "I":
+        gray = _int32_image_to_uint8(np.asarray(image), where)
+    elif image.mode == "F":
+        gray = _float_to_uint8(np.asarray(image), where)
+    else:
+        # 8-bit modes (RGB, L, RGBA, LA, P, 1, CMYK, ...): the image processor converts them to RGB itself,
+        # compositing transparency onto white.
+        return image
+    return PIL.Image.fromarray(gray)
+
+
+def _array_to_pil_image(
+    image: np.ndarray | torch.Tensor, where: str, channel_format: ChannelDimension | None
+) -> PIL.Image.Image:
+    """Turns an `(H, W)`, `(H, W, C)` or `(C, H, W)` array / tensor into an 8-bit L, RGB or RGBA PIL image."""
+    is_tensor = isinstance(image, torch.Tensor)
+    pixels = _to_numpy(image)
+    if pixels.ndim not in (2, 3):
+        raise ValueError(
+            f"{where}: an image array must have 2 or 3 dimensions ((H, W), (H, W, C) or (C, H, W)), got shape "
+            f"{tuple(pixels.shape)}."
+        )
+    if pixels.size == 0:
+        raise _empty_image_error(where, f"an array of shape {tuple(pixels.shape)}")
+    if pixels.ndim == 3:
+        if _channel_layout(pixels.shape, is_tensor, channel_format, where) == ChannelDimension.FIRST:
+            pixels = np.moveaxis(pixels, 0, -1)
+        if pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+    # `fromarray` picks L / RGB / RGBA from the uint8 array's shape.
+    return PIL.Image.fromarray(np.ascontiguousarray(_pixels_to_uint8(pixels, where)))
+
+
+def _to_numpy(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view / copy of an array or (any device, any float precision) tensor."""
+    if isinstance(image, np.ndarray):
+        return image
+    image = image.detach().cpu()
+    # numpy has no bfloat16; float32 holds every half-precision value exactly.
+    if image.dtype in (torch.float16, torch.bfloat16):
+        image = image.float()
+    return image.numpy()
+
+
+def _channel_layout(
+    shape: tuple[int, ...], is_tensor: bool, requested: ChannelDimension | None, where: str
+) -> ChannelDimension:
+    """
+    The channel axis of a 3-D image array: `requested` if given, else the axis of size 1, 3 or 4. When both the
+    first and the last axis qualify (an image at most 4 pixels high or wide), numpy arrays are read as (H, W, C),
+    the numpy / PIL convention, and torch tensors as (C, H, W), the torchvision convention.
+    """
+    first_fits, last_fits = shape[0] in _CHANNEL_COUNTS, shape[-1] in _CHANNEL_COUNTS
+    if requested is not None:
+        channels = shape[0] if requested == ChannelDimension.FIRST else shape[-1]
+        if channels not in _CHANNEL_COUNTS:
+            raise ValueError(
+                f"{where}: with `input_data_format={requested.value!r}` the image array of shape {tuple(shape)} has "
+                f"{channels} channels, but an image needs 1 (gray), 3 (RGB) or 4 (RGBA). Check the array's layout "
+                "or `input_data_format`."
+            )
+        return requested
+    if first_fits and last_fits:
+        return ChannelDimension.FIRST if is_tensor else ChannelDimension.LAST
+    if first_fits or last_fits:
+        return ChannelDimension.FIRST if first_fits else ChannelDimension.LAST
+    raise ValueError(
+        f"{where}: cannot find the channel axis of the image array of shape {tuple(shape)}: an image needs 1 "
+        f"(gray), 3 (RGB) or 4 (RGBA) channels, on its first axis (C, H, W) or its last axis (H, W, C), but these "
+        f"axes have {shape[0]} and {shape[-1]} entries. Convert it to gray, RGB or RGBA first."
+    )
+
+
+def _pixels_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
+    """8-bit pixel values for an `(H, W)` / `(H, W, C)` array of any supported dtype (rules: see `__call__`)."""
+    kind = pixels.dtype.kind
+    if kind == "b":
+        return pixels.astype(np.uint8) * 255
+    if kind == "u" and pixels.dtype.itemsize == 1:
+        return pixels
+    if kind == "u" and pixels.dtype.itemsize == 2:
+        return _sixteen_bit_to_uint8(pixels)
+    if kind in "ui":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{where}: an image of dtype {pixels.dtype} must have pixel values in [0, 255], got [{low}, {high}]. "
+                "Pass 16-bit images as uint16, or scale the image to [0, 255]."
+            )
+        return pixels.astype(np.uint8)
+    if kind == "f":
+        return _float_to_uint8(pixels, where)
+    raise TypeError(
+        f"{where}: unsupported pixel dtype {pixels.dtype}. Pass uint8 pixels in [0, 255], uint16 (16-bit) pixels, "
+        "or float pixels in [0, 1] or [0, 255]."
+    )
+
+
+def _sixteen_bit_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Scales 16-bit values [0, 65535] to [0, 255], rounding to nearest (65535 / 255 = 257 exactly)."""
+    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _int32_image_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
+    """A PIL mode `I` image (32-bit integers, e.g. some 16-bit PNGs) holding 16-bit values, scaled to 8 bits."""
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"{where}: a PIL image of mode 'I' is read as 16-bit, with values in [0, 65535], but has values in "
+            f"[{low}, {high}]. Scale it to 16 bits (mode 'I;16') or 8 bits (mode 'L') first."
+        )
+    return _sixteen_bit_to_uint8(pixels)
+
+
+def _float_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
+    """
+    Float pixels to 8 bits: values all in [0, 1] are read as [0, 1], else as [0, 255]. NaN / infinite, negative
+    (e.g. already normalized pixel values) and > 255 values are refused rather than silently clipped.
+    """
+    pixels = pixels.astype(np.float64)
+    num_non_finite = int(np.count_nonzero(~np.isfinite(pixels)))
+    if num_non_finite:
+        raise ValueError(
+            f"{where}: the image has NaN or infinite pixel values ({num_non_finite} of {pixels.size}). Pass an image "
+            "with finite pixel values."
+        )
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{where}: float pixel values must lie in [0, 1] or [0, 255], got [{low:g}, {high:g}]. Pass the raw image "
+            "(not normalized pixel values), clamped to its range (e.g. `image.clamp(0, 1)`)."
+        )
+    scale = 255.0 if high <= 1.0 else 1.0
+    return np.rint(pixels * scale).astype(np.uint8)
 
 
 def _plural(count: int, noun: str) -> str:
