@@ -444,3 +444,51 @@ def test_post_processing(processor, images):
     assert processor.post_process_image_text_to_text(generated[1]) == "Output: a dog"
     assert processor.batch_decode(generated, skip_special_tokens=True)[1] == "Output: a dog garbage"
     assert processor.decode(generated[0], skip_special_tokens=True) == decoded_outputs[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The OpenFlamingo protocol: prompt shapes and label masks (hand-written expectations)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _protocol_processor():
+    return OpenFlamingoProcessor(tokenizer=build_tiny_tokenizer())
+
+
+def test_protocol_prompt_shapes():
+    processor = _protocol_processor()
+    assert processor.few_shot_prompt(["Output:a cat."], "Output:") == (
+        "<image>Output:a cat.<|endofchunk|><image>Output:"
+    )
+    assert processor.few_shot_prompt([], "Output:") == "<image>Output:"
+    assert processor.pair_text("  a cat on a mat \n") == "<image>a cat on a mat<|endofchunk|><|endoftext|>"
+    # Images on sentences 2, 0 and 2 again: markers in front of their sentences (two on sentence 2), the first
+    # <|endofchunk|> dropped, spaces around markers removed, <|endofchunk|> + eos at the end.
+    assert processor.interleaved_text(["A b.", "C d.", "E f."], [2, 0, 2]) == (
+        "<image>A b. C d.<|endofchunk|><image><|endofchunk|><image>E f.<|endofchunk|><|endoftext|>"
+    )
+    assert processor.interleaved_text(["Intro.", "Pic here."], [1]) == (
+        "Intro.<image>Pic here.<|endofchunk|><|endoftext|>"
+    )
+
+
+def test_protocol_pretraining_labels():
+    processor = _protocol_processor()
+    image, eoc, pad = processor.image_token_id, processor.eoc_token_id, processor.tokenizer.pad_token_id
+    eos = processor.tokenizer.eos_token_id
+    ids = torch.tensor([[5, 6, image, 7, 8, eoc, 9, 10, image, 11, eoc, eos, pad, pad]])
+    mask = (ids != pad).long()
+    x = -100
+    # Pairs: only padding and <image> are masked (eos is trained, as the original's no-op line left it).
+    assert processor.pretraining_labels(ids, mask).tolist() == [[5, 6, x, 7, 8, eoc, 9, 10, x, 11, eoc, eos, x, x]]
+    # Interleaved: also before the first image and from after each <|endofchunk|> to the next <image>.
+    assert processor.pretraining_labels(ids, mask, interleaved=True).tolist() == [
+        [x, x, x, 7, 8, eoc, x, x, x, 11, eoc, x, x, x]
+    ]
+    assert processor.pretraining_labels(ids, mask, mask_eos=True).tolist() == [
+        [5, 6, x, 7, 8, eoc, 9, 10, x, 11, eoc, x, x, x]
+    ]
+    # Without a mask, padding is found by id; a row with no image is all masked when interleaved.
+    no_image = torch.tensor([[5, 6, eoc, 7, pad]])
+    assert processor.pretraining_labels(no_image, interleaved=True).tolist() == [[x] * 5]
+    assert processor.pretraining_labels(no_image).tolist() == [[5, 6, eoc, 7, x]]

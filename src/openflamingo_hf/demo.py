@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, pipeline
-from transformers.image_utils import load_image
 
 from .testing_utils import build_tiny_model_and_processor, make_image
 
@@ -41,11 +40,6 @@ class DemoArguments:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
 
 
-def few_shot_prompt(captions: list[str], prefix: str, eoc: str = "<|endofchunk|>") -> str:
-    """`<image>{prefix}{caption}<|endofchunk|>` per demonstration, then `<image>{prefix}` for the query."""
-    return "".join(f"<image>{prefix}{caption}{eoc}" for caption in captions) + f"<image>{prefix}"
-
-
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     if args.model is None:
@@ -63,11 +57,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"--images needs one image per caption plus the query image: got {len(args.images)} images for "
                 f"{num_shots} captions."
             )
-        images = [load_image(path) for path in args.images]
+        images = list(args.images)  # the processor reads the files (16-bit images included)
     else:
         images = [make_image(seed, size=(64, 48)) for seed in range(num_shots + 1)]
 
-    prompt = few_shot_prompt(args.captions, args.prompt_prefix, processor.eoc_token)
+    prompt = processor.few_shot_prompt([f"{args.prompt_prefix}{caption}" for caption in args.captions], args.prompt_prefix)
     print(f"\nPrompt ({num_shots}-shot): {prompt!r}")
     inputs = processor(images=[images], text=[prompt], return_tensors="pt").to(args.device)
     print(

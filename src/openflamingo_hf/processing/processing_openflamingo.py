@@ -196,6 +196,75 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return len(re.findall(f"(?<!{_CONTROL_TOKEN_START}){re.escape(self.image_token)}", text))
 
     # ------------------------------------------------------------------------------------------------------------
+    # The OpenFlamingo protocol: prompt shapes and which tokens carry loss. Training, evaluation, the CLI and the
+    # demo call these; nothing else writes `<image>...<|endofchunk|>` layouts or label masks of its own.
+    # ------------------------------------------------------------------------------------------------------------
+
+    def few_shot_prompt(self, demonstrations: list[str], query: str = "") -> str:
+        """
+        `<image>{demonstration}<|endofchunk|>` per demonstration, then `<image>{query}`: the in-context prompt of
+        the original evaluation (e.g. demonstrations `"Output:a cat."`, query `"Output:"`). One image per
+        demonstration and one for the query, in that order.
+        """
+        return "".join(f"{self.image_token}{text}{self.eoc_token}" for text in demonstrations) + (
+            f"{self.image_token}{query}"
+        )
+
+    def pair_text(self, caption: str) -> str:
+        """The text of an image-caption pair in pretraining: `<image>{caption}<|endofchunk|>{eos}`."""
+        return f"{self.image_token}{caption.strip()}{self.eoc_token}{self.tokenizer.eos_token or ''}"
+
+    def interleaved_text(self, sentences: list[str], image_sentence_indices: list[int]) -> str:
+        """
+        The text of an interleaved (MMC4-style) document in pretraining, as the original built it.
+
+        Each image's sentence gets `<|endofchunk|><image>` in front (once per image, so two images on one sentence
+        give two markers); sentences are joined with spaces; the first `<|endofchunk|>` is dropped (no chunk ends
+        before the first image); spaces around the markers are removed; `<|endofchunk|>{eos}` closes the document.
+
+        Args:
+            sentences: the document's sentences, in order.
+            image_sentence_indices: for each image, the index of the sentence it precedes.
+        """
+        prefix = f"{self.eoc_token}{self.image_token}"
+        sentences = list(sentences)
+        for index in image_sentence_indices:
+            sentences[index] = f"{prefix}{sentences[index]}"
+        text = " ".join(sentences).replace(self.eoc_token, "", 1)
+        text = text.replace(f" {self.eoc_token}", self.eoc_token)
+        text = text.replace(f"{self.image_token} ", self.image_token).replace(f" {self.image_token}", self.image_token)
+        return f"{text}{self.eoc_token}{self.tokenizer.eos_token or ''}"
+
+    def pretraining_labels(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        interleaved: bool = False,
+        mask_eos: bool = False,
+    ) -> torch.Tensor:
+        """
+        Labels of the pretraining recipe (the model shifts them itself): the input ids, with -100 on padding and on
+        `<image>`; for interleaved documents also on every token before the first `<image>` and on every token after
+        an `<|endofchunk|>` up to the next `<image>` (text that no image introduces). `<|endofchunk|>` itself and the
+        text after each image carry loss. The original also meant to mask eos but compared ids with a string, so eos
+        was trained; `mask_eos=True` masks it.
+
+        Args:
+            input_ids: (batch, seq_len)
+            attention_mask: (batch, seq_len), 0 on padding; without it padding is found by the pad token id.
+        Returns:
+            (batch, seq_len) long tensor.
+        """
+        labels = input_ids.clone()
+        masked = input_ids == self.image_token_id
+        masked |= attention_mask == 0 if attention_mask is not None else input_ids == self.tokenizer.pad_token_id
+        if interleaved:
+            masked |= _after_chunk_end_or_before_first_image(input_ids, self.image_token_id, self.eoc_token_id)
+        if mask_eos and self.tokenizer.eos_token_id is not None:
+            masked |= input_ids == self.tokenizer.eos_token_id
+        return labels.masked_fill(masked, -100)
+
+    # ------------------------------------------------------------------------------------------------------------
     # Model config
     # ------------------------------------------------------------------------------------------------------------
 
@@ -804,6 +873,21 @@ def _float_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
         )
     scale = 255.0 if high <= 1.0 else 1.0
     return np.rint(pixels * scale).astype(np.uint8)
+
+
+def _after_chunk_end_or_before_first_image(input_ids: torch.Tensor, image_id: int, eoc_id: int) -> torch.Tensor:
+    """
+    True at tokens that no image introduces: before the first `<image>`, or after an `<|endofchunk|>` with no
+    `<image>` since (the `<|endofchunk|>` itself is not included).
+    """
+    marker = torch.where(input_ids == image_id, 1, torch.where(input_ids == eoc_id, 2, 0))
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    # Position of the latest marker strictly before each token (-1: none yet).
+    latest = torch.where(marker > 0, positions, -1).cummax(dim=-1).values
+    latest_before = torch.cat([torch.full_like(latest[..., :1], -1), latest[..., :-1]], dim=-1)
+    kind_before = torch.where(latest_before >= 0, marker.gather(-1, latest_before.clamp(min=0)), 0)
+    before_first_image = (input_ids == image_id).long().cumsum(dim=-1) == 0
+    return before_first_image | (kind_before == 2)
 
 
 def _plural(count: int, noun: str) -> str:
