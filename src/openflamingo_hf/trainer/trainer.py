@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
+from accelerate.utils import DistributedType
 from transformers import Trainer
 from transformers.utils import logging
 
@@ -218,7 +219,10 @@ class OpenFlamingoTrainer(Trainer):
     def _two_stream_step(self, model: nn.Module, batches: dict[str, dict[str, Any]]) -> torch.Tensor:
         """Forward and backward per stream (one stream's activations alive at a time); returns the weighted loss."""
         model.train()
-        total = torch.zeros((), device=self.args.device)
+        # DeepSpeed steps its engine inside every `backward`, so there the streams' losses are summed and
+        # backpropagated once (both streams' activations alive together).
+        one_backward = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        total, pending = torch.zeros((), device=self.args.device), []
         names = list(batches)
         for position, name in enumerate(names):
             batch = dict(batches[name])
@@ -231,11 +235,16 @@ class OpenFlamingoTrainer(Trainer):
                 return torch.zeros((), device=self.args.device)
             self._stream_losses.setdefault(name, []).append(loss.detach())
             weighted = loss * self.loss_multipliers.get(name, 1.0) / self.current_gradient_accumulation_steps
+            total += weighted.detach()
+            if one_backward:
+                pending.append(weighted)
+                continue
             # Gradients are reduced across processes once per micro-batch, at the last stream's backward.
             last = position == len(names) - 1
             with self.accelerator.no_sync(model) if not last else contextlib.nullcontext():
                 self.accelerator.backward(weighted)
-            total += weighted.detach()
+        if pending:
+            self.accelerator.backward(torch.stack(pending).sum(), scale_wrt_gas=False)
         self._mask_embedding_gradients(model)
         return total
 
@@ -255,17 +264,36 @@ class OpenFlamingoTrainer(Trainer):
             f"({self.nonfinite_steps} skipped so far)."
         )
 
-    def _mask_embedding_gradients(self, model: nn.Module) -> None:
-        """Zero the input-embedding gradient on every row but the trainable ones (the recipe's embedding rule)."""
+    def train(self, *args, **kwargs):
+        if self._embedding_rule_applies(self.model) and self.accelerator.distributed_type in (
+            DistributedType.DEEPSPEED, DistributedType.FSDP
+        ):
+            raise ValueError(
+                f"With {self.accelerator.distributed_type.value} the gradients are sharded, so the recipe's rule that "
+                "only the <image> and <|endofchunk|> rows of the input embeddings train cannot be applied. Freeze "
+                "the embeddings (freeze_for_recipe(..., freeze_lm_embeddings=True), CLI --freeze_lm_embeddings) or "
+                "use DDP."
+            )
+        return super().train(*args, **kwargs)
+
+    def _embedding_rule_applies(self, model: nn.Module) -> bool:
+        """The input embeddings train while the rest of the LM is frozen: then only some of their rows may train."""
         unwrapped = self.accelerator.unwrap_model(model)
         language_model = getattr(unwrapped, "language_model", None)
         if language_model is None or not self.trainable_embedding_ids:
-            return
+            return False
         weight = unwrapped.get_input_embeddings().weight
+        return weight.requires_grad and not any(
+            p.requires_grad for p in language_model.parameters() if p is not weight
+        )
+
+    def _mask_embedding_gradients(self, model: nn.Module) -> None:
+        """Zero the input-embedding gradient on every row but the trainable ones (the recipe's embedding rule)."""
+        if not self._embedding_rule_applies(model):
+            return
+        weight = self.accelerator.unwrap_model(model).get_input_embeddings().weight
         if weight.grad is None:
             return
-        if any(p.requires_grad for p in language_model.parameters() if p is not weight):
-            return  # more of the LM trains than its input embeddings (the whole LM): every row does
         keep = torch.zeros(weight.shape[0], 1, dtype=weight.grad.dtype, device=weight.grad.device)
         keep[self.trainable_embedding_ids] = 1
         weight.grad.mul_(keep)

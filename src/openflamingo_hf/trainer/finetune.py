@@ -1,0 +1,723 @@
+"""
+Fine-tuning data and LoRA adapters for OpenFlamingo.
+
+Data
+====
+
+`build_finetune_dataset(path_or_examples, processor)` reads a JSONL file (one JSON object per line; blank lines are
+skipped) into a map-style `datasets.Dataset` whose items are training samples for `OpenFlamingoDataCollator`:
+
+- `input_ids`, `attention_mask`, `labels`: `(seq_len,)` long tensors; `labels` is -100 everywhere except on the
+  answer tokens and the `<|endofchunk|>` that closes each answer;
+- `pixel_values`: `(num_images, 1, 3, H, W)` float tensor, or `None` for an example without images.
+
+Every example goes through one code path: it is turned into chat messages and encoded by
+`processor.apply_chat_template(..., return_assistant_tokens_mask=True)`. The processor's chat template writes an
+image block as `<image>`, text verbatim, and closes every assistant turn with `<|endofchunk|>`; the assistant turns
+are what carries loss. Three shapes are accepted (other keys, e.g. ids, are ignored):
+
+1. **Prompt + answer** (VQA, instructions)::
+
+       {"images": ["a.jpg"], "prompt": "<image>Question: What is it? Short answer:", "answer": "a cat"}
+
+   The text is `prompt + answer + <|endofchunk|>`; loss on `answer<|endofchunk|>` only. The prompt holds one
+   `<image>` per image, in order (a prompt without markers gets them all in front, as the processor does), and may
+   hold few-shot demonstrations (`<image>Question: ... Short answer:yes<|endofchunk|><image>...`), which carry no
+   loss. `"image": "a.jpg"` may stand for `"images": ["a.jpg"]`.
+
+2. **Chat messages** (several turns, few-shot demonstrations as earlier turns)::
+
+       {"images": ["a.jpg", "b.jpg"],
+        "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Output:"}]},
+                     {"role": "assistant", "content": "a cat"},
+                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Output:"}]},
+                     {"role": "assistant", "content": "a dog"}]}
+
+   Roles are `user`, `assistant` and `system` (written like `user`); content is a string or a list of
+   `{"type": "image"}` / `{"type": "text", "text": ...}` blocks. Loss on every assistant turn and its
+   `<|endofchunk|>`. The `{"type": "image"}` blocks take the `images` in order; instead of the `images` list, every
+   image block may name its own file (`{"type": "image", "path": "a.jpg"}`, or `"url"`). Images go in user / system
+   turns only.
+
+3. **Captioning**::
+
+       {"image": "a.jpg", "caption": "a cat", "prompt": "Output:"}
+
+   The text is `<image>` + `prompt` (optional, default empty) + `caption` + `<|endofchunk|>`; loss on
+   `caption<|endofchunk|>`.
+
+Image paths are relative to the JSONL file's folder (absolute paths, `http(s)://` URLs and `data:image/...` base64
+data are used as they are); local files must exist when the file is loaded. Malformed lines raise a `ValueError`
+that names the file, the line and the field.
+
+Tokenization is lazy (`datasets.Dataset.with_transform`): the dataset stores each example as JSON text and encodes
+it (reads its images, runs the processor) when an item is accessed. Images are never held in memory or on disk as
+pixel arrays (a 224 px image is 600 KB of float32), preprocessing runs in the `DataLoader` workers, and the dataset
+builds at once. The structure of every line (fields, image files, `<image>` markers against images) is checked up
+front, and the first example is encoded as a smoke test; what needs an example's images or tokens (truncation,
+unreadable image files) is checked when it is encoded, and raises naming the file and line. Use
+`TrainingArguments(remove_unused_columns=False)`: the stored columns are not model inputs, the transform makes them.
+
+Token boundaries: a token that straddles the end of the prompt and the start of the answer (e.g. `" a"` in
+`"Output: " + "a cat"`) counts as an answer token, so that no answer character is without loss. Write prompts
+without a trailing space (`"Output:"`, `"Short answer:"`) and the boundary falls between tokens.
+
+LoRA
+====
+
+`apply_lora(model, targets=("language_model", "gated_cross_attn_layers"))` wraps the model in a `peft.PeftModel`
+with LoRA on the linear layers under the chosen parts only; everything else is frozen. The target list is built
+from the model's own module names, so the vision tower and the perceiver (whose layers share names like `q_proj`,
+`fc1` or `to_q` with the language model and the gated blocks) are never adapted. Save with
+`peft_model.save_pretrained(dir)`, load with `load_lora(model, dir)` (or `PeftModel.from_pretrained`), fold the
+adapter into the weights with `merge_lora(peft_model)`. `peft_model.generate(...)` takes the same arguments as
+`model.generate(...)` (`pixel_values` included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_LORA_TARGETS = ("language_model", "gated_cross_attn_layers")
+# Parts of OpenFlamingo that LoRA may adapt, and parts it never touches.
+LORA_TARGET_PARTS = ("language_model", "gated_cross_attn_layers")
+LORA_EXCLUDED_PARTS = ("vision_model", "perceiver")
+
+_ROLES = ("system", "user", "assistant")
+_IMAGE_SOURCE_KEYS = ("path", "url", "image")
+# Keys that select the shape of an example.
+_SHAPE_KEYS = ("messages", "caption", "prompt", "answer")
+# Keys of a checked example that the encoding reads.
+_STORED_KEYS = ("messages", "images", "image", "caption", "prompt", "answer", "source", "line")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and checking examples
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Where:
+    """Location of an example, for error messages: `file.jsonl, line 3`."""
+
+    def __init__(self, source: str, line: int):
+        self.source, self.line = source, line
+
+    def __str__(self) -> str:
+        return f"{self.source}, line {self.line}"
+
+    def error(self, field: str | None, message: str) -> ValueError:
+        at = f", field {field!r}" if field else ""
+        return ValueError(f"{self}{at}: {message}")
+
+
+def load_finetune_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """
+    Reads and checks a fine-tuning JSONL file (shapes: see the module docstring).
+
+    Each returned example is the line's JSON object with its image sources resolved (relative paths joined to the
+    JSONL's folder) and two keys added: `"source"` (the file's path) and `"line"` (1-based line number), which
+    later error messages name. Blank lines are skipped.
+
+    Raises:
+        `FileNotFoundError` if the file does not exist; `ValueError` naming the file, the line and the field for
+        invalid JSON, an unknown or ambiguous shape, a missing / mistyped field, or a missing image file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No fine-tuning JSONL file at {path!r}.")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = _Where(path, line_number)
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise where.error(None, f"not valid JSON ({error.msg} at column {error.colno}).") from None
+            examples.append(_check_example(example, where, base_dir))
+    if not examples:
+        raise ValueError(f"{path}: the file has no examples (one JSON object per line).")
+    return examples
+
+
+def _check_example(example: Any, where: _Where, base_dir: str | None) -> dict[str, Any]:
+    """Checks one example's structure, resolves its image sources; returns a copy with `source` / `line`."""
+    if not isinstance(example, Mapping):
+        raise where.error(None, f"an example must be a JSON object, got {type(example).__name__}.")
+    example = dict(example)
+    shape = _shape_of(example, where)
+    if shape == "messages":
+        _check_messages(example, where, base_dir)
+    elif shape == "caption":
+        _check_string(example, "caption", where)
+        if "prompt" in example:
+            _check_string(example, "prompt", where, allow_empty=True)
+        if "images" in example:
+            raise where.error("images", "a captioning example has one image, given as \"image\": \"path\".")
+        example["image"] = _resolve_image(example.get("image"), "image", where, base_dir)
+    else:
+        _check_string(example, "prompt", where, allow_empty=True)
+        _check_string(example, "answer", where)
+        example["images"] = _resolve_image_list(example, where, base_dir)
+        example.pop("image", None)
+    example["source"], example["line"] = where.source, where.line
+    return example
+
+
+def _shape_of(example: dict[str, Any], where: _Where) -> str:
+    present = [key for key in _SHAPE_KEYS if key in example]
+    if "messages" in present:
+        others = [key for key in present if key != "messages"]
+        if others:
+            raise where.error(
+                others[0], f"an example with \"messages\" cannot also have {others}: use one shape per example."
+            )
+        return "messages"
+    if "caption" in present:
+        if "answer" in present:
+            raise where.error("answer", "an example has either \"caption\" or \"answer\", not both.")
+        return "caption"
+    if "prompt" in present or "answer" in present:
+        for key in ("prompt", "answer"):
+            if key not in example:
+                raise where.error(key, "missing: a prompt/answer example needs both \"prompt\" and \"answer\".")
+        return "prompt_answer"
+    raise where.error(
+        None,
+        f"unknown example shape (keys {sorted(example)}). Use {{\"images\", \"prompt\", \"answer\"}}, "
+        "{\"images\", \"messages\"} or {\"image\", \"caption\"}.",
+    )
+
+
+def _check_string(example: dict[str, Any], key: str, where: _Where, allow_empty: bool = False) -> None:
+    value = example.get(key)
+    if not isinstance(value, str):
+        raise where.error(key, f"must be a string, got {type(value).__name__}.")
+    if not allow_empty and not value.strip():
+        raise where.error(key, "is empty: there is nothing to train on.")
+
+
+def _is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://", "data:image/"))
+
+
+def _resolve_image(source: Any, field: str, where: _Where, base_dir: str | None) -> str:
+    """An image source as the processor reads it: a checked local path (joined to `base_dir`), URL or data URL."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise where.error(field, f"must be an image path or URL (a non-empty string), got {source!r}.")
+    if _is_remote(source):
+        return source
+    path = source if base_dir is None or os.path.isabs(source) else os.path.join(base_dir, source)
+    if not os.path.isfile(path):
+        shown = f"{source!r}" if path == source else f"{source!r} (looked for {path!r})"
+        relative = " relative to the JSONL file's folder" if base_dir is not None else ""
+        raise where.error(field, f"no image file {shown}. Image paths are{relative or ' used as given'}.")
+    return path
+
+
+def _resolve_image_list(example: dict[str, Any], where: _Where, base_dir: str | None) -> list[str]:
+    if "images" in example and "image" in example:
+        raise where.error("image", "give either \"image\" (one path) or \"images\" (a list), not both.")
+    if "image" in example:
+        return [_resolve_image(example["image"], "image", where, base_dir)]
+    images = example.get("images", [])
+    if not isinstance(images, list):
+        raise where.error("images", f"must be a list of image paths, got {type(images).__name__}.")
+    return [_resolve_image(source, f"images[{i}]", where, base_dir) for i, source in enumerate(images)]
+
+
+def _check_messages(example: dict[str, Any], where: _Where, base_dir: str | None) -> None:
+    """Checks roles and content blocks; moves inline image sources into `images`; copies the messages."""
+    messages = example["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise where.error("messages", "must be a non-empty list of {\"role\", \"content\"} objects.")
+    checked, inline_images, num_image_blocks, has_answer = [], [], 0, False
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            raise where.error(field, f"must be an object with \"role\" and \"content\", got {type(message).__name__}.")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise where.error(f"{field}.role", f"must be one of {list(_ROLES)}, got {role!r}.")
+        content = message.get("content")
+        if isinstance(content, str):
+            checked.append({"role": role, "content": content})
+            has_answer |= role == "assistant" and bool(content.strip())
+            continue
+        if not isinstance(content, list):
+            raise where.error(
+                f"{field}.content", f"must be a string or a list of content blocks, got {type(content).__name__}."
+            )
+        blocks = []
+        for block_index, block in enumerate(content):
+            block_field = f"{field}.content[{block_index}]"
+            block_type = block.get("type") if isinstance(block, Mapping) else None
+            if block_type == "text":
+                if not isinstance(block.get("text"), str):
+                    raise where.error(f"{block_field}.text", "a text block needs a string \"text\".")
+                blocks.append({"type": "text", "text": block["text"]})
+                has_answer |= role == "assistant" and bool(block["text"].strip())
+            elif block_type == "image":
+                if role == "assistant":
+                    raise where.error(block_field, "images go in user turns; an assistant turn is text only.")
+                sources = [key for key in _IMAGE_SOURCE_KEYS if key in block]
+                if len(sources) > 1:
+                    raise where.error(block_field, f"an image block names one source, got {sources}.")
+                if sources:
+                    inline_images.append(
+                        _resolve_image(block[sources[0]], f"{block_field}.{sources[0]}", where, base_dir)
+                    )
+                num_image_blocks += 1
+                blocks.append({"type": "image"})
+            else:
+                raise where.error(
+                    block_field,
+                    'a content block is {"type": "text", "text": ...} or {"type": "image"}, got ' f"{block!r}.",
+                )
+        checked.append({"role": role, "content": blocks})
+    if not has_answer:
+        raise where.error("messages", "no non-empty assistant turn: there is nothing to train on.")
+
+    if inline_images:
+        if len(inline_images) != num_image_blocks:
+            raise where.error(
+                "messages", f"{len(inline_images)} of {num_image_blocks} image blocks name a file: either every image "
+                "block names its file, or none does and \"images\" lists them."
+            )
+        if "images" in example or "image" in example:
+            raise where.error("images", "the image blocks already name their files; drop \"images\".")
+        images = inline_images
+    else:
+        images = _resolve_image_list(example, where, base_dir)
+        example.pop("image", None)
+    if len(images) != num_image_blocks:
+        raise where.error(
+            "images", f"{len(images)} images for {num_image_blocks} {{\"type\": \"image\"}} blocks in \"messages\": "
+            "give one image per image block, in order."
+        )
+    example["messages"], example["images"] = checked, images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Examples -> chat messages -> samples
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def example_to_messages(example: Mapping[str, Any], processor) -> tuple[list[dict[str, Any]], list[str]]:
+    """
+    The chat messages and image sources of a checked example (any shape, see the module docstring), as
+    `processor.apply_chat_template` takes them. Prompt-answer and captioning examples become one user turn (the
+    prompt, split at the processor's image marker into image and text blocks) and one assistant turn.
+
+    Raises:
+        `ValueError` naming the example's file and line if the prompt's `<image>` markers do not match its images.
+    """
+    where = _Where(example.get("source", "<examples>"), example.get("line", 0))
+    marker = processor.image_token
+    for field, text in _free_texts(example):
+        if marker in text:
+            raise where.error(
+                field, f"holds the image marker `{marker}`, which only a prompt or a {{\"type\": \"image\"}} block "
+                "may place."
+            )
+    if "messages" in example:
+        return [dict(message) for message in example["messages"]], list(example["images"])
+    if "caption" in example:
+        images = [example["image"]]
+        user = [{"type": "image"}] + _text_blocks(example.get("prompt", ""))
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": example["caption"]}], images
+
+    images = list(example["images"])
+    parts = example["prompt"].split(marker)
+    num_markers = len(parts) - 1
+    if num_markers == 0:
+        # No marker: the images come first, as the processor does with a marker-less text.
+        user = [{"type": "image"} for _ in images] + _text_blocks(parts[0])
+    elif num_markers == len(images):
+        user = _text_blocks(parts[0])
+        for part in parts[1:]:
+            user += [{"type": "image"}] + _text_blocks(part)
+    else:
+        raise where.error(
+            "prompt", f"has {num_markers} `{marker}` markers but the example has {len(images)} images: give one "
+            "marker per image, in order (or none, and the images go in front)."
+        )
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": example["answer"]}], images
+
+
+def _free_texts(example: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    """(field, text) of the texts that are written verbatim and may not place images."""
+    if "messages" in example:
+        for index, message in enumerate(example["messages"]):
+            content = message["content"]
+            if isinstance(content, str):
+                yield f"messages[{index}].content", content
+                continue
+            for block_index, block in enumerate(content):
+                if block.get("type") == "text":
+                    yield f"messages[{index}].content[{block_index}].text", block["text"]
+    elif "caption" in example:
+        yield from ((key, example[key]) for key in ("caption", "prompt") if key in example)
+    else:
+        yield "answer", example["answer"]
+
+
+def _with_location(error: Exception, where: _Where) -> Exception:
+    """The same kind of error, its message prefixed with the example's file and line."""
+    message = f"{where}: {error}"
+    try:
+        return type(error)(message)
+    except Exception:  # an exception type whose constructor takes other arguments
+        return ValueError(message)
+
+
+def _text_blocks(text: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text}] if text else []
+
+
+def encode_finetune_example(
+    example: Mapping[str, Any], processor, max_length: int | None = 512
+) -> dict[str, torch.Tensor | None]:
+    """
+    Encodes one checked example into a training sample: `input_ids`, `attention_mask`, `labels` (`(seq_len,)`;
+    -100 except on assistant tokens) and `pixel_values` (`(num_images, 1, 3, H, W)`, `None` without images).
+
+    Args:
+        example: an example as `load_finetune_examples` returns it.
+        processor: the model's `OpenFlamingoProcessor`.
+        max_length: truncate longer texts to this many tokens (`None`: never truncate). Truncation that would cut an
+            `<image>` marker, or leave no answer token, is an error.
+    """
+    where = _Where(example.get("source", "<examples>"), example.get("line", 0))
+    messages, images = example_to_messages(example, processor)
+    processor_kwargs: dict[str, Any] = {"images": images} if images else {}
+    if max_length is not None:
+        processor_kwargs.update(truncation=True, max_length=max_length)
+    try:
+        encoded = processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs=processor_kwargs,
+        )
+    except (ValueError, TypeError, OSError) as error:
+        raise _with_location(error, where) from error
+    input_ids = encoded["input_ids"][0].long()
+    attention_mask = encoded["attention_mask"][0].long()
+    answer = torch.as_tensor(encoded["assistant_masks"][0]).bool() & attention_mask.bool()
+    if not bool(answer.any()):
+        raise where.error(
+            None, f"no answer token is left after truncating to max_length={max_length} tokens: raise max_length "
+            "or shorten the prompt."
+        )
+    labels = input_ids.masked_fill(~answer, IGNORE_INDEX)
+    pixel_values = encoded.get("pixel_values")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values[0] if pixel_values is not None else None,
+    }
+
+
+class FinetuneTransform:
+    """
+    The `datasets` transform of `build_finetune_dataset`: decodes the stored JSON examples of a batch and encodes
+    them with `encode_finetune_example`. A picklable class (not a closure), so that `DataLoader` workers can use it.
+    """
+
+    def __init__(self, processor, max_length: int | None = 512):
+        self.processor = processor
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        samples = [
+            encode_finetune_example(json.loads(text), self.processor, self.max_length) for text in batch["example"]
+        ]
+        keys = ("input_ids", "attention_mask", "labels", "pixel_values")
+        return {key: [sample[key] for sample in samples] for key in keys}
+
+
+def build_finetune_dataset(
+    path_or_examples: str | os.PathLike | Iterable[Mapping[str, Any]],
+    processor,
+    max_length: int | None = 512,
+):
+    """
+    A map-style `datasets.Dataset` of fine-tuning samples (see the module docstring for the JSONL shapes).
+
+    Args:
+        path_or_examples: a JSONL file, or examples (dicts in the same shapes; relative image paths are relative to
+            the working directory, or as `load_finetune_examples` resolved them).
+        processor: the model's `OpenFlamingoProcessor`.
+        max_length: truncate longer texts to this many tokens (`None`: never truncate).
+
+    Returns:
+        `datasets.Dataset` with stored columns `example` (JSON text), `source` and `line`, and a transform that
+        makes each item `{"input_ids", "attention_mask", "labels", "pixel_values"}` (tensors; `pixel_values` is
+        `None` for an example without images). Batch it with
+        `OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)`; with `transformers.Trainer`
+        use `remove_unused_columns=False`.
+    """
+    import datasets
+
+    if isinstance(path_or_examples, (str, os.PathLike)):
+        examples = load_finetune_examples(path_or_examples)
+    else:
+        examples = []
+        for index, example in enumerate(path_or_examples):
+            if isinstance(example, Mapping) and "source" in example and "line" in example:
+                where = _Where(example["source"], example["line"])
+                already_resolved = True
+            else:
+                where, already_resolved = _Where("<examples>", index + 1), False
+            examples.append(_check_example(example, where, None if already_resolved else os.getcwd()))
+        if not examples:
+            raise ValueError("`path_or_examples` holds no examples.")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"`max_length` must be a positive number of tokens or None, got {max_length!r}.")
+    # Marker / image mismatches are found now, before training, not when the item is first read; so are setup
+    # problems (e.g. a slow tokenizer, which cannot mark assistant tokens), by encoding the first example.
+    for example in examples:
+        example_to_messages(example, processor)
+    encode_finetune_example(examples[0], processor, max_length)
+
+    stored = {
+        # Only the fields the encoding reads (other keys, e.g. ids, need not be JSON-serializable).
+        "example": [
+            json.dumps({key: example[key] for key in _STORED_KEYS if key in example}, ensure_ascii=False)
+            for example in examples
+        ],
+        "source": [example["source"] for example in examples],
+        "line": [example["line"] for example in examples],
+    }
+    dataset = datasets.Dataset.from_dict(stored)
+    return dataset.with_transform(FinetuneTransform(processor, max_length))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _adaptable_module_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
+    """
+    The full names of the linear layers (`nn.Linear`, and GPT-2's `Conv1D`) under `targets`, for
+    `LoraConfig(target_modules=...)`.
+
+    Args:
+        model: an `OpenFlamingoForConditionalGeneration` (not yet wrapped by PEFT).
+        targets: module paths under `language_model` or `gated_cross_attn_layers`: the parts themselves, or
+            narrower paths such as `"gated_cross_attn_layers.3"` or `"language_model.model.layers.0"`. The language
+            model's output embedding (`lm_head`) is never included (it is large and often tied to the input
+            embedding; train it with `modules_to_save` if needed).
+
+    Raises:
+        `ValueError` for a target outside those two parts (`vision_model` / `perceiver` are never adapted), a target
+        that is not a module of the model, or targets without linear layers.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError(f"`targets` is empty; choose from {list(LORA_TARGET_PARTS)} (or paths under them).")
+    if _is_peft_model(model):
+        raise ValueError("The model is already a PeftModel; pass the base OpenFlamingo model.")
+    for target in targets:
+        part = target.split(".", 1)[0]
+        if part not in LORA_TARGET_PARTS:
+            why = (
+                f"LoRA never adapts {part!r}: OpenFlamingo keeps its vision side frozen. "
+                if part in LORA_EXCLUDED_PARTS
+                else ""
+            )
+            raise ValueError(
+                f"{why}LoRA target {target!r} is not under {list(LORA_TARGET_PARTS)}; use those parts or module paths "
+                "under them."
+            )
+        try:
+            model.get_submodule(target)
+        except AttributeError:
+            raise ValueError(f"LoRA target {target!r} is not a module of the model.") from None
+
+    output_embeddings = None
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None and hasattr(language_model, "get_output_embeddings"):
+        output_embeddings = language_model.get_output_embeddings()
+    adaptable = _adaptable_module_types()
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, adaptable) or module is output_embeddings:
+            continue
+        if name.split(".", 1)[0] in LORA_EXCLUDED_PARTS:
+            continue
+        if any(name == target or name.startswith(target + ".") for target in targets):
+            names.append(name)
+    if not names:
+        raise ValueError(f"No linear layer under the LoRA targets {list(targets)}.")
+    return sorted(names)
+
+
+def lora_config_for(
+    model: nn.Module,
+    targets: str | Sequence[str] = DEFAULT_LORA_TARGETS,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    **kw,
+):
+    """
+    A `peft.LoraConfig` adapting only the linear layers under `targets` (see `lora_target_modules`):
+    `target_modules` is the explicit list of their full names, so a layer of the vision tower or perceiver that
+    shares a name (`q_proj`, `fc1`, `to_q`, ...) is never caught.
+
+    Args:
+        model: the base `OpenFlamingoForConditionalGeneration`.
+        targets: `"language_model"`, `"gated_cross_attn_layers"`, both (default), or module paths under them.
+        r, alpha, dropout: LoRA rank, `lora_alpha` and `lora_dropout`.
+        **kw: other `LoraConfig` fields (`bias`, `modules_to_save`, `use_rslora`, `init_lora_weights`, ...).
+            `task_type` defaults to `None`: a plain `PeftModel`, which passes every argument of `forward` /
+            `generate` (`pixel_values` included) to OpenFlamingo unchanged.
+    """
+    from peft import LoraConfig
+
+    for key in ("target_modules", "exclude_modules"):
+        if key in kw:
+            raise TypeError(f"lora_config_for builds `{key}` itself from `targets`; pass `targets` instead.")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_modules(model, targets),
+        **kw,
+    )
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: str | Sequence[str] = DEFAULT_LORA_TARGETS,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    config=None,
+    adapter_name: str = "default",
+    **kw,
+):
+    """
+    Wraps `model` in a `peft.PeftModel` with LoRA adapters (in place: the model's layers are replaced by LoRA
+    layers). Only the adapter weights (and any `modules_to_save`) are trainable; everything else is frozen.
+
+    Args:
+        model: the base `OpenFlamingoForConditionalGeneration`.
+        targets, r, alpha, dropout, **kw: as for `lora_config_for`.
+        config: a ready `LoraConfig` to use instead (it may not adapt the vision tower or perceiver).
+        adapter_name: the adapter's name.
+
+    Returns:
+        `peft.PeftModel`; `peft_model(**batch)` and `peft_model.generate(...)` take OpenFlamingo's arguments.
+    """
+    from peft import get_peft_model
+
+    if config is None:
+        config = lora_config_for(model, targets, r=r, alpha=alpha, dropout=dropout, **kw)
+    elif kw:
+        raise TypeError(f"Pass LoRA settings either in `config` or as arguments, not both (got {sorted(kw)}).")
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    check_lora_placement(peft_model)
+    return peft_model
+
+
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False, **kwargs):
+    """
+    Loads an adapter saved with `peft_model.save_pretrained(adapter_dir)` onto a base model
+    (`PeftModel.from_pretrained`), checking that it adapts neither the vision tower nor the perceiver.
+
+    Args:
+        model: the base `OpenFlamingoForConditionalGeneration` the adapter was trained on.
+        adapter_dir: the adapter's folder (or Hub id).
+        is_trainable: `True` to keep training the adapter; `False` (default) loads it for inference.
+        **kwargs: passed to `PeftModel.from_pretrained`.
+    """
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, os.fspath(adapter_dir), is_trainable=is_trainable, **kwargs)
+    check_lora_placement(peft_model)
+    return peft_model
+
+
+def merge_lora(peft_model, safe_merge: bool = False):
+    """
+    Folds the LoRA adapters into the base weights (`merge_and_unload`) and returns the plain
+    `OpenFlamingoForConditionalGeneration`, which saves and loads like any other (no PEFT needed). The parameters
+    frozen by `apply_lora` stay frozen (`requires_grad=False`).
+
+    Args:
+        peft_model: a `PeftModel` from `apply_lora` / `load_lora`.
+        safe_merge: check the merged weights for NaNs before replacing the originals.
+    """
+    if not _is_peft_model(peft_model):
+        raise TypeError(f"merge_lora needs a peft.PeftModel, got {type(peft_model).__name__}.")
+    return peft_model.merge_and_unload(safe_merge=safe_merge)
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """Names (relative to the OpenFlamingo model) of the modules that carry LoRA adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+
+
+def check_lora_placement(model: nn.Module) -> None:
+    """Raises a `ValueError` if a LoRA layer sits in the vision tower or the perceiver."""
+    misplaced = [name for name in lora_module_names(model) if name.split(".", 1)[0] in LORA_EXCLUDED_PARTS]
+    if misplaced:
+        raise ValueError(
+            f"The LoRA config adapts {len(misplaced)} layers of {list(LORA_EXCLUDED_PARTS)} (e.g. {misplaced[0]!r}); "
+            "OpenFlamingo's vision side stays frozen. Build the config with `lora_config_for(model, targets=...)`."
+        )
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is part of the training extra
+        return False
+    return isinstance(model, PeftModel)
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "FinetuneTransform",
+    "IGNORE_INDEX",
+    "apply_lora",
+    "build_finetune_dataset",
+    "check_lora_placement",
+    "encode_finetune_example",
+    "example_to_messages",
+    "load_finetune_examples",
+    "load_lora",
+    "lora_config_for",
+    "lora_module_names",
+    "lora_target_modules",
+    "merge_lora",
+]
