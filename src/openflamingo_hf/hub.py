@@ -97,11 +97,12 @@ class OneLineErrorParser(HfArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
     def parse_command_line(self, argv: Sequence[str] | None) -> Any:
-        """The one dataclass of arguments; an unknown option is a usage error, not HfArgumentParser's ValueError."""
-        (args, unknown) = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        """The dataclass of arguments (a tuple for several); an unknown option is a usage error, not
+        HfArgumentParser's ValueError."""
+        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         if unknown:
             self.error(f"unrecognized arguments: {' '.join(unknown)}. See --help for the options.")
-        return args
+        return parsed[0] if len(parsed) == 1 else tuple(parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

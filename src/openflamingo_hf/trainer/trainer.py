@@ -313,7 +313,10 @@ class OpenFlamingoTrainer(Trainer):
             self._stream_losses = {}
         if "loss" in logs or "train_loss" in logs:
             if self.skipped_samples:
-                logs["skipped_samples"] = sum(self.skipped_samples.values())
+                # `image_*` reasons count images dropped from documents that were kept; the rest count samples.
+                logs["skipped_samples"] = sum(
+                    count for reason, count in self.skipped_samples.items() if not reason.startswith("image_")
+                )
                 logs.update({f"skipped_{reason}": count for reason, count in sorted(self.skipped_samples.items())})
             if self.nonfinite_steps:
                 logs["nonfinite_steps"] = self.nonfinite_steps

@@ -1,0 +1,315 @@
+"""`openflamingo-train`: the OpenFlamingo pretraining recipe, or fine-tuning, on `OpenFlamingoTrainer`.
+
+    # Pretraining from backbones: image-caption pairs and interleaved documents in every step.
+    openflamingo-train --vision_model openai/clip-vit-large-patch14 --language_model anas-awadalla/mpt-1b-redpajama-200b \
+        --laion_shards "laion/{00000..01000}.tar" --mmc4_shards "mmc4/{00000..01000}.tar" \
+        --batch_size_laion 32 --batch_size_mmc4 8 --loss_multiplier_laion 0.2 --max_steps 100000 --output_dir out
+    # Fine-tuning a trained model on a JSONL of examples, with LoRA.
+    openflamingo-train --model_name_or_path ./OpenFlamingo-3B-hf --finetune_data data.jsonl --lora --output_dir ft
+
+Flags follow the original `open_flamingo/train/train.py` where the concept is the same; every `TrainingArguments` flag
+works too (`--bf16`, `--gradient_checkpointing`, `--save_steps`, `--resume_from_checkpoint`, ...). Scale out with
+`accelerate launch --config_file examples/accelerate/<ddp|fsdp|deepspeed_zero2|deepspeed_zero3>.yaml -m
+openflamingo_hf.cli.train ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+from transformers import TrainingArguments
+
+# Light at import: models, datasets and peft are imported when a run starts.
+
+
+@dataclass
+class ModelArguments:
+    """Where the model comes from and what of it trains."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An OpenFlamingo folder or Hub id to continue from (AutoModelForImageTextToText)."},
+    )
+    vision_model: str | None = field(
+        default=None,
+        metadata={"help": "Vision backbone (name or folder; a full CLIP contributes its vision tower). Its folder's "
+                          "image processor is used, else OpenAI CLIP preprocessing."},
+    )
+    language_model: str | None = field(default=None, metadata={"help": "Causal LM backbone (name or folder)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the language model's)."})
+    cross_attn_every_n_layers: int = field(
+        default=1, metadata={"help": "A gated cross-attention block before every N-th decoder layer (backbones)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of other OpenFlamingoConfig fields for a model built from backbones, e.g. "
+                          '\'{"perceiver_depth": 2, "perceiver_num_latents": 16}\'.'},
+    )
+    freeze_lm_embeddings: bool = field(
+        default=False, metadata={"help": "Also freeze the <image> / <|endofchunk|> embedding rows."}
+    )
+    train_language_model: bool = field(default=False, metadata={"help": "Also train the whole language model."})
+    train_vision_model: bool = field(default=False, metadata={"help": "Also train the vision tower."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters only (PEFT); the rest stays frozen."})
+    lora_targets: str = field(
+        default="language_model,gated_cross_attn_layers",
+        metadata={"help": "Comma-separated parts whose linear layers get adapters (never the vision side)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArguments:
+    """The two pretraining streams (`--laion_shards` + `--mmc4_shards`) or a fine-tuning JSONL."""
+
+    laion_shards: str | None = field(
+        default=None,
+        metadata={"help": "Image-caption pair shards: webdataset tars (jpg/png/jpeg + txt), a list, a glob or brace "
+                          "notation (shard-{0000..0099}.tar); or a JSONL / image folder."},
+    )
+    mmc4_shards: str | None = field(
+        default=None, metadata={"help": "Interleaved (MMC4-style) document shards: tars of json samples."}
+    )
+    finetune_data: str | None = field(
+        default=None, metadata={"help": "Fine-tuning JSONL (prompt/answer, chat messages or captions)."}
+    )
+    batch_size_laion: int = field(default=128, metadata={"help": "Pairs per device per step."})
+    batch_size_mmc4: int = field(default=128, metadata={"help": "Interleaved documents per device per step."})
+    loss_multiplier_laion: float = field(default=1.0, metadata={"help": "Weight of the pair loss (v2: 0.2)."})
+    loss_multiplier_mmc4: float = field(default=1.0, metadata={"help": "Weight of the interleaved loss."})
+    mmc4_textsim_threshold: float = field(
+        default=0.24,
+        metadata={"help": "Minimum image-sentence similarity (v2 trained with 0.24; the original script's "
+                          "default of 30 drops every image)."},
+    )
+    mmc4_max_num_images: int = field(default=6, metadata={"help": "Images kept per document at most."})
+    mmc4_min_num_images: int = field(default=1, metadata={"help": "Documents with fewer images are skipped."})
+    train_num_samples_laion: int | None = field(
+        default=None, metadata={"help": "Pairs per epoch (all processes together); sets the epoch length."}
+    )
+    train_num_samples_mmc4: int | None = field(default=None, metadata={"help": "Documents per epoch."})
+    laion_max_length: int = field(default=32, metadata={"help": "Tokens per pair (padded / truncated)."})
+    mmc4_max_length: int = field(default=256, metadata={"help": "Tokens per document (padded / truncated)."})
+    finetune_max_length: int = field(default=512, metadata={"help": "Tokens per fine-tuning example at most."})
+    mask_eos: bool = field(default=False, metadata={"help": "No loss on eos (the original trained it)."})
+
+
+@dataclass
+class OpenFlamingoTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the recipe's defaults (AdamW 1e-4, decay 0.1 on xattn, 5000 warmup, constant)."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (the recipe's 1e-4)."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "Weight decay, applied to gated cross-attention weights only."}
+    )
+    warmup_steps: float = field(default=5000, metadata={"help": "Linear warmup steps (the recipe's 5000)."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata={"help": "Schedule after warmup (constant, linear, cosine, ...)."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: samples carry skip counts."})
+
+
+def build_parser():
+    from ..hub import OneLineErrorParser
+
+    return OneLineErrorParser(
+        (ModelArguments, DataArguments, OpenFlamingoTrainingArguments),
+        prog="openflamingo-train",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    )
+
+
+class UsageError(ValueError):
+    """The arguments do not describe a run that can be done."""
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Everything that can be checked before loading anything."""
+    if bool(model_args.model_name_or_path) == bool(model_args.vision_model or model_args.language_model):
+        raise UsageError(
+            "Start from an OpenFlamingo checkpoint (--model_name_or_path) or from backbones (--vision_model and "
+            "--language_model), not both or neither."
+        )
+    if not model_args.model_name_or_path and not (model_args.vision_model and model_args.language_model):
+        raise UsageError("Starting from backbones needs both --vision_model and --language_model.")
+    pretraining = bool(data_args.laion_shards or data_args.mmc4_shards)
+    if pretraining == bool(data_args.finetune_data):
+        raise UsageError("Give --laion_shards and --mmc4_shards (pretraining) or --finetune_data (fine-tuning).")
+    if pretraining and not (data_args.laion_shards and data_args.mmc4_shards):
+        raise UsageError("The recipe trains on both streams: give --laion_shards and --mmc4_shards.")
+    if pretraining and training_args.max_steps <= 0 and not (
+        data_args.train_num_samples_laion and data_args.train_num_samples_mmc4
+    ):
+        raise UsageError(
+            "Shards have no length: give --max_steps, or --train_num_samples_laion and --train_num_samples_mmc4."
+        )
+    parse_config_overrides(model_args.config_overrides)
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    from ..modeling.configuration_openflamingo import OpenFlamingoConfig
+
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--config_overrides is not valid JSON ({error}).") from error
+    if not isinstance(overrides, dict):
+        raise UsageError("--config_overrides must be a JSON object of OpenFlamingoConfig fields.")
+    known = {f.name for f in fields(OpenFlamingoConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UsageError(f"--config_overrides: unknown OpenFlamingoConfig fields {unknown}.")
+    return overrides
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_model_and_processor(model_args: ModelArguments):
+    """The model to train and its processor: a checkpoint, or a fresh OpenFlamingo around the backbones."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    import openflamingo_hf  # noqa: F401  (registers the Auto classes)
+
+    from ..modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration
+    from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
+
+    if model_args.model_name_or_path:
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
+        return model, processor
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_args.vision_model)
+    except (OSError, ValueError):
+        image_processor = default_image_processor()
+    processor = OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model = OpenFlamingoForConditionalGeneration.from_backbones(
+        model_args.vision_model,
+        model_args.language_model,
+        cross_attn_every_n_layers=model_args.cross_attn_every_n_layers,
+        processor=processor,
+        **parse_config_overrides(model_args.config_overrides),
+    )
+    return model, processor
+
+
+def prepare_trainable(model, model_args: ModelArguments):
+    """Freezing per the recipe, or LoRA adapters (everything else frozen)."""
+    from ..trainer.finetune import apply_lora
+    from ..trainer.trainer import freeze_for_recipe
+
+    if model_args.lora:
+        targets = tuple(t.strip() for t in model_args.lora_targets.split(",") if t.strip())
+        return apply_lora(model, targets=targets, r=model_args.lora_r, alpha=model_args.lora_alpha,
+                          dropout=model_args.lora_dropout)
+    freeze_for_recipe(
+        model,
+        train_language_model=model_args.train_language_model,
+        train_vision_model=model_args.train_vision_model,
+        freeze_lm_embeddings=model_args.freeze_lm_embeddings,
+    )
+    return model
+
+
+def build_streams(data_args: DataArguments, processor, seed: int) -> dict:
+    """The two pretraining streams, each cut to its per-epoch sample count when one is given."""
+    from ..trainer.data import build_interleaved_dataset, build_pair_dataset
+
+    laion = build_pair_dataset(
+        data_args.laion_shards,
+        processor,
+        max_length=data_args.laion_max_length,
+        seed=seed,
+        mask_eos=data_args.mask_eos,
+        num_samples=data_args.train_num_samples_laion,
+    )
+    mmc4 = build_interleaved_dataset(
+        data_args.mmc4_shards,
+        processor,
+        sim_threshold=data_args.mmc4_textsim_threshold,
+        min_num_images=data_args.mmc4_min_num_images,
+        max_num_images=data_args.mmc4_max_num_images,
+        max_length=data_args.mmc4_max_length,
+        seed=seed,
+        mask_eos=data_args.mask_eos,
+        num_samples=data_args.train_num_samples_mmc4,
+    )
+    return {"laion": laion, "mmc4": mmc4}
+
+
+def steps_per_epoch(data_args: DataArguments, world_size: int) -> int:
+    """Optimisation steps in an epoch: the shorter stream's batches (both streams give one batch per step)."""
+    return min(
+        data_args.train_num_samples_laion // (data_args.batch_size_laion * world_size),
+        data_args.train_num_samples_mmc4 // (data_args.batch_size_mmc4 * world_size),
+    )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args) -> "OpenFlamingoTrainer":  # noqa: F821
+    """Runs the whole job; returns the trainer (its `state.log_history` holds the losses)."""
+    from ..trainer.collator import OpenFlamingoDataCollator
+    from ..trainer.trainer import OpenFlamingoTrainer
+
+    model, processor = load_model_and_processor(model_args)
+    model = prepare_trainable(model, model_args)
+    collator = OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    kwargs = dict(model=model, args=training_args, data_collator=collator, processing_class=processor)
+    if data_args.finetune_data:
+        from ..trainer.finetune import build_finetune_dataset
+
+        dataset = build_finetune_dataset(data_args.finetune_data, processor, max_length=data_args.finetune_max_length)
+        trainer = OpenFlamingoTrainer(train_dataset=dataset, **kwargs)
+    else:
+        if training_args.max_steps <= 0:
+            training_args.max_steps = int(training_args.num_train_epochs) * steps_per_epoch(
+                data_args, training_args.world_size
+            )
+        trainer = OpenFlamingoTrainer(
+            streams=build_streams(data_args, processor, training_args.seed),
+            stream_batch_sizes={"laion": data_args.batch_size_laion, "mmc4": data_args.batch_size_mmc4},
+            loss_multipliers={"laion": data_args.loss_multiplier_laion, "mmc4": data_args.loss_multiplier_mmc4},
+            **kwargs,
+        )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_final(trainer, model_args, training_args.output_dir)
+    return trainer
+
+
+def save_final(trainer, model_args: ModelArguments, output_dir: str) -> None:
+    """`output_dir` ends with a model `AutoModelForImageTextToText` loads (LoRA merged in; the adapter itself in
+    `output_dir/adapter`), its processor, and `trainer_state.json`."""
+    trainer.save_state()
+    if model_args.lora:
+        from ..trainer.finetune import merge_lora
+
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(os.path.join(output_dir, "adapter"))
+            merge_lora(trainer.model).save_pretrained(output_dir)
+            trainer.processing_class.save_pretrained(output_dir)
+        return
+    trainer.save_model(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    model_args, data_args, training_args = parser.parse_command_line(argv)
+    try:
+        check_arguments(model_args, data_args, training_args)
+    except UsageError as error:
+        parser.error(str(error))
+    train(model_args, data_args, training_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,898 @@
+"""
+Pretraining data for OpenFlamingo: image-caption pairs (LAION-style) and interleaved documents (MMC4-style and
+ChatGPT-generated sequences), as `datasets.IterableDataset`s of tokenized samples.
+
+Each sample is a dict with `input_ids`, `attention_mask`, `labels` (seq_len,) (right padding to `max_length`),
+`pixel_values` (num_images, 1, 3, H, W) and `skipped` (reason -> count, see below), ready for
+`OpenFlamingoDataCollator`. The OpenFlamingo text layout and label rules come from the processor
+(`pair_text`, `interleaved_text`, `pretraining_labels`); this module only selects, orders and filters the images.
+
+Formats (see `write_pair_shard` / `write_interleaved_shard`, which write them):
+
+- Pairs: webdataset tars whose samples hold an image (`jpg`, `png` or `jpeg`) and a caption (`txt`); a JSONL file
+  with `{"image": path, "caption": text}` per line (paths relative to the JSONL's folder); or a folder of
+  `x.jpg` / `x.png` / `x.jpeg` + `x.txt` pairs.
+- Interleaved: webdataset tars whose samples hold a `json` document: MMC4 (`text_list`, `image_info` with
+  `image_base64`, `similarity_matrix`) or ChatGPT-generated (`is_gpt`, `example` with `_!_IMAGEk_!_` markers,
+  `image_map`).
+
+Sharding: every shard (tar, JSONL file or folder) is one `datasets` shard: `datasets` splits the shard list over
+DataLoader workers, and `datasets.distributed.split_dataset_by_node` over processes, without duplicates (with fewer
+shards than workers some workers get none). Give at least `num_workers * world_size` shards for full parallelism.
+
+Randomness (horizontal flips, the single-image rule) comes from a generator seeded from `(seed, shard file name)`
+for every pass over a shard, so results do not depend on the number of workers or processes; every pass over a
+shard (e.g. with `repeat=True`) makes the same choices; build with another `seed` to change them.
+
+Skipped data: unreadable or truncated shards, corrupt tar members, undecodable images, malformed JSON and missing
+fields are skipped, never raised and never yielded. The documents that the recipe itself rejects (too few images,
+the single-image rule, ...) are skipped the same way. Each is counted under a reason (the `*` constants below), and
+each yielded sample carries under `SKIPPED_KEY` the counts skipped since the previous sample its worker yielded
+(the last sample of a shard is held back until the shard ends, so that it also carries the shard's trailing skips),
+so that the counts reach the main process through DataLoader workers; the collator sums them per batch. Reasons
+starting with `image_` count single images dropped from MMC4 documents, not samples. Data errors (not recipe
+rejections) are also logged as warnings, the first few per reason and process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import random
+import re
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+import webdataset as wds
+from transformers.utils import logging
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .collator import SKIPPED_KEY
+
+if TYPE_CHECKING:
+    from ..processing.processing_openflamingo import OpenFlamingoProcessor
+
+logger = logging.get_logger(__name__)
+
+Rng = Union[np.random.Generator, random.Random]
+
+# --- Skip reasons (keys of the `skipped` counts) ----------------------------------------------------------------
+# Data errors (also logged as warnings).
+UNREADABLE_SHARD = "unreadable_shard"  # cannot be opened (missing file, permissions, not a tar at all)
+TRUNCATED_TAR = "truncated_tar"  # ends in the middle of a member: the rest of the shard is lost
+CORRUPT_TAR = "corrupt_tar"  # invalid tar / compression data: the rest of the shard is lost
+DUPLICATE_MEMBER = "duplicate_member"  # two members with the same sample key and extension
+TAR_ERROR = "tar_error"  # any other error while reading a tar
+MISSING_FIELDS = "missing_fields"  # no image / caption / json member, or a required JSON key is missing
+MALFORMED_FIELDS = "malformed_fields"  # a field has the wrong type or shape
+BAD_JSON = "bad_json"  # a member / line that is not valid JSON
+BAD_TEXT = "bad_text"  # a caption that is not UTF-8
+UNDECODABLE_IMAGE = "undecodable_image"  # a pair's image (or a ChatGPT document's image) does not decode
+MISSING_IMAGE_FILE = "missing_image_file"  # a JSONL line's image file cannot be read
+IMAGE_UNDECODABLE = "image_undecodable"  # an MMC4 image that does not decode (the image is dropped)
+PREPROCESS_ERROR = "preprocess_error"  # any other error while preprocessing a sample
+# Recipe rejections (counted, not logged).
+NO_IMAGES = "no_images"  # no image left after filtering
+TOO_FEW_IMAGES = "too_few_images"  # fewer than `min_num_images` `<image>` tokens after truncation
+SINGLE_IMAGE_DROPPED = "single_image_dropped"  # one image: dropped with probability 0.5
+SINGLE_IMAGE_AT_END = "single_image_at_end"  # one image, and its `<image>` is the last token: no label to learn
+IMAGE_MISSING_BASE64 = "image_missing_base64"  # an MMC4 image without `image_base64` (the image is dropped)
+IMAGE_BELOW_THRESHOLD = "image_below_threshold"  # best sentence similarity below `sim_threshold` (dropped)
+IMAGE_TOO_SMALL = "image_too_small"  # encoded image of at most 10 KB (dropped)
+
+_RECIPE_REASONS = frozenset(
+    {NO_IMAGES, TOO_FEW_IMAGES, SINGLE_IMAGE_DROPPED, SINGLE_IMAGE_AT_END, IMAGE_MISSING_BASE64,
+     IMAGE_BELOW_THRESHOLD, IMAGE_TOO_SMALL}
+)
+# Reasons that describe a whole shard: counted once per shard even when the tar reader reports them several times.
+_SHARD_REASONS = frozenset({UNREADABLE_SHARD, TRUNCATED_TAR, CORRUPT_TAR, TAR_ERROR})
+
+# MMC4: images whose encoded size is at most this many (decimal) kilobytes are dropped, as `len(bytes) // 1000 <= 10`
+# in the original.
+MIN_KB = 10
+PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
+# ChatGPT-generated documents mark images as `_!_IMAGE1_!_`, `_!_IMAGE2_!_`, ...
+GPT_IMAGE_MARKER = re.compile(r"_!_IMAGE\d+_!_")
+
+_WARNINGS_PER_REASON = 3
+_warned: Counter = Counter()
+
+
+class SkipSample(Exception):
+    """
+    A sample that is not used. `reason` is one of this module's reason constants; `counts` holds further counts
+    (images dropped from the document before it was rejected).
+    """
+
+    def __init__(self, reason: str, detail: str = "", counts: Mapping[str, int] | None = None):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.counts = dict(counts or {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shard lists
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """
+    The shard paths named by `spec`, in order, without duplicates.
+
+    `spec` is a list of paths, or a string of paths separated by commas, whitespace or `::`. Each path may use brace
+    notation (`shard-{0000..0099}.tar`, `{a,b}`) and glob patterns (`*`, `?`, `[...]`); list items are not split.
+    URLs (`scheme://...`, `pipe:...`) are kept as they are; local paths must exist.
+
+    Raises:
+        FileNotFoundError: when `spec` names nothing, or some path or pattern matches no file (naming them).
+    """
+    items = _split_spec(spec) if isinstance(spec, str) else [str(item) for item in spec]
+    shards, unmatched = [], []
+    for item in items:
+        for path in expand_urls(item):
+            matches = _match_path(path)
+            if not matches:
+                unmatched.append(path)
+            shards.extend(matches)
+    if unmatched or not shards:
+        shown = ", ".join(repr(path) for path in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        raise FileNotFoundError(
+            f"The shard spec {spec!r} matches no files" + (f" (nothing matches {shown})" if unmatched else "") + "."
+        )
+    return list(dict.fromkeys(shards))
+
+
+def _split_spec(spec: str) -> list[str]:
+    """Splits a shard string on commas and whitespace outside braces (`{a,b}` is one brace expression)."""
+    items, current, depth = [], [], 0
+    for char in spec:
+        depth += (char == "{") - (char == "}")
+        if depth == 0 and (char == "," or char.isspace()):
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item for item in items if item]
+
+
+def _match_path(path: str) -> list[str]:
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:", path):
+        return [path]
+    if re.search(r"[*?[]", path):
+        return sorted(glob.glob(path))
+    return [path] if os.path.exists(path) else []
+
+
+def shard_rng(seed: int, shard: str) -> np.random.Generator:
+    """The random generator of one pass over `shard`: seeded from `seed` and the shard's file name."""
+    name = os.path.basename(os.path.normpath(shard))
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing of one sample
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def preprocess_pair(
+    image: bytes | PIL.Image.Image,
+    caption: str,
+    processor: OpenFlamingoProcessor,
+    max_length: int = 32,
+    rng: Rng | None = None,
+    mask_eos: bool = False,
+) -> dict[str, Any]:
+    """
+    One image-caption pair as a training sample.
+
+    The text is `processor.pair_text(caption)`, tokenized with right padding to `max_length` (truncated to it);
+    labels are `processor.pretraining_labels`; the image is flipped horizontally with probability 0.5 (one
+    `rng.random()` draw).
+
+    Args:
+        image: encoded image bytes or a PIL image.
+        caption: the caption (`<image>` / `<|endofchunk|>` occurrences in it are removed).
+        processor: an `OpenFlamingoProcessor`.
+        rng: numpy `Generator` or `random.Random`; `None` draws from a fresh, unseeded generator.
+        mask_eos: passed to `pretraining_labels`.
+    Returns:
+        `input_ids`, `attention_mask`, `labels` (max_length,); `pixel_values` (1, 1, 3, H, W); `skipped` ({}).
+    Raises:
+        SkipSample: `undecodable_image` when the bytes are not an image.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    pil_image = _to_rgb(image, UNDECODABLE_IMAGE)
+    flip = _coin(rng)
+    text = processor.pair_text(_strip_protocol_tokens(caption, processor))
+    input_ids, attention_mask = _tokenize(text, processor, max_length)
+    labels = processor.pretraining_labels(input_ids[None], attention_mask[None], mask_eos=mask_eos)[0]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": _pixel_values([pil_image], processor, flip, num_slots=1),
+        SKIPPED_KEY: {},
+    }
+
+
+def preprocess_interleaved(
+    document: Mapping[str, Any],
+    processor: OpenFlamingoProcessor,
+    sim_threshold: float = 0.24,
+    min_num_images: int = 1,
+    max_num_images: int = 6,
+    max_length: int = 256,
+    rng: Rng | None = None,
+    mask_eos: bool = False,
+) -> dict[str, Any]:
+    """
+    One interleaved document (a parsed MMC4 or ChatGPT-generated json) as a training sample.
+
+    MMC4 (`text_list`, `image_info`, `similarity_matrix` with one row per `image_info` entry and one column per
+    sentence): each image goes before the sentence of its row's maximum (several images may pick the same sentence)
+    and is dropped when it has no `image_base64`, when that similarity is below `sim_threshold`, when its decoded
+    bytes are at most 10 KB, or when it does not decode. The kept images are ordered by sentence (stably) and the
+    first `max_num_images` are used. After tokenization (right padding to `max_length`, truncation), `num_images`
+    is the number of `<image>` tokens left; the document is rejected when it is below `min_num_images`, with
+    probability 0.5 when it is 1, and when it is 1 and the last token is `<image>`.
+
+    ChatGPT documents (`is_gpt`): see `_preprocess_gpt_document`.
+
+    Random draws from `rng`: one for the flip (shared by all images of the sample), then one for the single-image
+    rule when it applies.
+
+    Returns:
+        `input_ids`, `attention_mask`, `labels` (max_length,) (labels: `pretraining_labels(..., interleaved=True)`);
+        `pixel_values` (max_num_images, 1, 3, H, W), zero past the `num_images` used images; `skipped`: counts of
+        the images dropped (`image_*` reasons).
+    Raises:
+        SkipSample: the document is not used (its `reason` says why; its `counts` hold the dropped images).
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    if "is_gpt" in document:
+        return _preprocess_gpt_document(document, processor, min_num_images, max_num_images, max_length, rng,
+                                        mask_eos)
+    sentences, image_info, similarities = _mmc4_fields(document, processor)
+    dropped: Counter = Counter()
+    candidates = []  # (sentence index, encoded image)
+    for info, row in zip(image_info, similarities):
+        sentence = int(np.argmax(row))
+        if "image_base64" not in info:
+            dropped[IMAGE_MISSING_BASE64] += 1
+        elif row[sentence] < sim_threshold:
+            dropped[IMAGE_BELOW_THRESHOLD] += 1
+        else:
+            try:
+                encoded = base64.b64decode(info["image_base64"])
+            except (binascii.Error, TypeError, ValueError):
+                dropped[IMAGE_UNDECODABLE] += 1
+                continue
+            if len(encoded) // 1000 <= MIN_KB:
+                dropped[IMAGE_TOO_SMALL] += 1
+            else:
+                candidates.append((sentence, encoded))
+    # The text gets the markers in sentence order, so the images must be in that order too: the k-th `<image>` in
+    # the text is the k-th image. (The original kept them in `image_info` order, which pairs markers and images
+    # wrongly whenever the two orders differ.) `sorted` is stable: images on one sentence keep their order.
+    candidates.sort(key=lambda candidate: candidate[0])
+    kept = []  # (sentence index, PIL image), at most max_num_images
+    for sentence, encoded in candidates:
+        if len(kept) == max_num_images:
+            break
+        try:
+            kept.append((sentence, _to_rgb(encoded, IMAGE_UNDECODABLE)))
+        except SkipSample:
+            dropped[IMAGE_UNDECODABLE] += 1
+    if not kept:
+        raise SkipSample(NO_IMAGES, counts=dropped)
+
+    flip = _coin(rng)
+    text = processor.interleaved_text(sentences, [sentence for sentence, _ in kept])
+    input_ids, attention_mask = _tokenize(text, processor, max_length)
+    num_images = min(int((input_ids == processor.image_token_id).sum()), len(kept))
+    if num_images < max(min_num_images, 1):
+        raise SkipSample(TOO_FEW_IMAGES, f"{num_images} image(s) after truncation", dropped)
+    if num_images == 1 and _coin(rng):
+        raise SkipSample(SINGLE_IMAGE_DROPPED, counts=dropped)
+    if num_images == 1 and int(input_ids[-1]) == processor.image_token_id:
+        raise SkipSample(SINGLE_IMAGE_AT_END, counts=dropped)
+    return _interleaved_sample(input_ids, attention_mask, [image for _, image in kept[:num_images]], processor,
+                               flip, max_num_images, mask_eos, dropped)
+
+
+def _preprocess_gpt_document(
+    document: Mapping[str, Any],
+    processor: OpenFlamingoProcessor,
+    min_num_images: int,
+    max_num_images: int,
+    max_length: int,
+    rng: Rng,
+    mask_eos: bool,
+) -> dict[str, Any]:
+    """
+    A ChatGPT-generated document: `example` is text with `_!_IMAGEk_!_` markers, the image of a marker is
+    `image_map[marker]["base64_image"]`. Each marker starts a new chunk with its image; the text is built by
+    `processor.interleaved_text` from the text between markers, which gives the original's string (markers
+    replaced by `<|endofchunk|><image>`, first `<|endofchunk|>` dropped, one space on each side of a marker
+    removed, `<|endofchunk|>{eos}` appended). The first `max_num_images` markers are used (the original kept one
+    fewer, and closed the cut text with a second `<|endofchunk|>`). No similarity or size filtering; a missing
+    image rejects the document (`missing_fields`), as does an undecodable one (`undecodable_image`), since its
+    marker would point at the wrong image; fewer than `min_num_images` `<image>` tokens after truncation too.
+    """
+    example, image_map = document.get("example"), document.get("image_map")
+    if example is None or image_map is None:
+        raise SkipSample(MISSING_FIELDS, "a ChatGPT document needs 'example' and 'image_map'")
+    if not isinstance(example, str) or not isinstance(image_map, Mapping):
+        raise SkipSample(MALFORMED_FIELDS, "'example' must be a string and 'image_map' an object")
+    example = _strip_protocol_tokens(example, processor)
+    markers = GPT_IMAGE_MARKER.findall(example)
+    parts = GPT_IMAGE_MARKER.split(example)  # parts[k] is the text before markers[k]; parts[-1] after the last
+    num_used = min(len(markers), max_num_images)
+    images = [_to_rgb(_gpt_image_bytes(image_map, marker), UNDECODABLE_IMAGE) for marker in markers[:num_used]]
+    if not images:
+        raise SkipSample(NO_IMAGES)
+    # The original removed one space before each marker (`" <|endofchunk|>"` and `" <image>"` cleanups);
+    # `interleaved_text` joins sentences with one space and removes that one, so drop the original one here.
+    sentences = [_drop_one_trailing_space(part) if k < len(markers) else part for k, part in
+                 enumerate(parts[: num_used + 1])]
+    flip = _coin(rng)
+    text = processor.interleaved_text(sentences, list(range(1, num_used + 1)))
+    input_ids, attention_mask = _tokenize(text, processor, max_length)
+    num_images = min(int((input_ids == processor.image_token_id).sum()), num_used)
+    if num_images < max(min_num_images, 1):
+        raise SkipSample(TOO_FEW_IMAGES, f"{num_images} image(s) after truncation")
+    return _interleaved_sample(input_ids, attention_mask, images[:num_images], processor, flip, max_num_images,
+                               mask_eos, Counter())
+
+
+def _gpt_image_bytes(image_map: Mapping[str, Any], marker: str) -> bytes:
+    entry = image_map.get(marker)
+    if not isinstance(entry, Mapping) or "base64_image" not in entry:
+        raise SkipSample(MISSING_FIELDS, f"no 'base64_image' for {marker} in 'image_map'")
+    try:
+        return base64.b64decode(entry["base64_image"])
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise SkipSample(UNDECODABLE_IMAGE, f"{marker}: {error}") from None
+
+
+def _drop_one_trailing_space(text: str) -> str:
+    return text[:-1] if text.endswith(" ") else text
+
+
+def _mmc4_fields(
+    document: Mapping[str, Any], processor: OpenFlamingoProcessor
+) -> tuple[list[str], list[Mapping], list[np.ndarray]]:
+    """`text_list` (protocol tokens removed), `image_info` and the similarity rows, checked."""
+    missing = [key for key in ("text_list", "image_info", "similarity_matrix") if key not in document]
+    if missing:
+        raise SkipSample(MISSING_FIELDS, f"missing {missing}")
+    sentences, image_info, matrix = document["text_list"], document["image_info"], document["similarity_matrix"]
+    if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) for s in sentences):
+        raise SkipSample(MALFORMED_FIELDS, "'text_list' must be a non-empty list of strings")
+    if not isinstance(image_info, list) or not all(isinstance(info, Mapping) for info in image_info):
+        raise SkipSample(MALFORMED_FIELDS, "'image_info' must be a list of objects")
+    try:
+        if not isinstance(matrix, list):
+            raise TypeError
+        rows = [np.asarray(row, dtype=np.float64) for row in matrix]
+    except (TypeError, ValueError):
+        raise SkipSample(MALFORMED_FIELDS, "'similarity_matrix' must be a list of number lists") from None
+    if len(rows) != len(image_info) or any(row.shape != (len(sentences),) or not np.isfinite(row).all()
+                                           for row in rows):
+        raise SkipSample(
+            MALFORMED_FIELDS,
+            f"'similarity_matrix' must have one row per image ({len(image_info)}) and one finite number per "
+            f"sentence ({len(sentences)})",
+        )
+    return [_strip_protocol_tokens(sentence, processor) for sentence in sentences], image_info, rows
+
+
+def _interleaved_sample(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    images: list[PIL.Image.Image],
+    processor: OpenFlamingoProcessor,
+    flip: bool,
+    max_num_images: int,
+    mask_eos: bool,
+    dropped: Mapping[str, int],
+) -> dict[str, Any]:
+    labels = processor.pretraining_labels(input_ids[None], attention_mask[None], interleaved=True,
+                                          mask_eos=mask_eos)[0]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": _pixel_values(images, processor, flip, num_slots=max_num_images),
+        SKIPPED_KEY: dict(dropped),
+    }
+
+
+def _strip_protocol_tokens(text: str, processor: OpenFlamingoProcessor) -> str:
+    """
+    Removes `<image>` / `<|endofchunk|>` written in raw text: tokenized as the special tokens, they would add
+    markers without images and shift the pairing of markers and images.
+    """
+    for token in (processor.image_token, processor.eoc_token):
+        text = text.replace(token, "")
+    return text
+
+
+def _to_rgb(image: bytes | PIL.Image.Image, reason: str) -> PIL.Image.Image:
+    """An RGB PIL image from encoded bytes or a PIL image; `SkipSample(reason)` when the bytes do not decode."""
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    try:
+        with PIL.Image.open(io.BytesIO(image)) as opened:
+            return opened.convert("RGB")  # decodes the whole image
+    except Exception as error:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
+        raise SkipSample(reason, f"{type(error).__name__}: {error}") from None
+
+
+def _coin(rng: Rng) -> bool:
+    """True with probability 0.5: one `rng.random()` draw below 0.5."""
+    return rng.random() < 0.5
+
+
+def _tokenize(text: str, processor: OpenFlamingoProcessor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = processor.tokenizer(
+        text, max_length=max_length, truncation=True, padding="max_length", padding_side="right",
+        return_tensors="pt",
+    )
+    return encoded["input_ids"][0], encoded["attention_mask"][0]
+
+
+def _pixel_values(
+    images: list[PIL.Image.Image], processor: OpenFlamingoProcessor, flip: bool, num_slots: int
+) -> torch.Tensor:
+    """(num_slots, 1, 3, H, W): the processed images (all flipped or none), then zeros."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    if flip:
+        pixels = pixels.flip(-1)
+    if len(images) < num_slots:
+        pixels = torch.cat([pixels, pixels.new_zeros((num_slots - len(images), *pixels.shape[1:]))])
+    return pixels.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _warn(reason: str, where: str, detail: str = "") -> None:
+    """Logs a skipped shard / member, the first few times per reason in this process."""
+    if reason in _RECIPE_REASONS:
+        return
+    _warned[reason] += 1
+    if _warned[reason] <= _WARNINGS_PER_REASON:
+        more = " (further such warnings are not shown)" if _warned[reason] == _WARNINGS_PER_REASON else ""
+        logger.warning(f"Skipped {where} ({reason}{': ' + detail if detail else ''}){more}.")
+
+
+def _tar_error_reason(error: Exception) -> str:
+    text = str(error.args[0]) if error.args else ""
+    if isinstance(error, EOFError) or (isinstance(error, tarfile.ReadError) and "unexpected end" in text):
+        return TRUNCATED_TAR
+    if isinstance(error, (tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)):
+        return CORRUPT_TAR
+    if isinstance(error, OSError):
+        return UNREADABLE_SHARD
+    if isinstance(error, ValueError) and "duplicate file name" in text:
+        return DUPLICATE_MEMBER
+    return TAR_ERROR
+
+
+class _ShardReader:
+    """
+    The generator behind the datasets: `datasets` calls it once per shard (in the process that reads the shard).
+
+    Read errors and rejected samples are counted in `_pending`; a sample is yielded when the next good sample is
+    found or its shard ends, carrying the counts gathered since the previous yield. Counts of shards that yield
+    nothing stay in `_pending` for the next sample this process yields.
+    """
+
+    def __init__(self, preprocess, seed: int):
+        self.preprocess = preprocess  # (record, rng) -> sample, may raise SkipSample
+        self.seed = seed
+        self._pending: Counter = Counter()
+
+    def records(self, shard: str) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def skip(self, reason: str, where: str, detail: str = "", count: int = 1) -> None:
+        self._pending[reason] += count
+        _warn(reason, where, detail)
+
+    def add_counts(self, counts: Mapping[str, int], where: str) -> None:
+        for reason, count in counts.items():
+            self.skip(reason, where, count=count)
+
+    def __call__(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            rng = shard_rng(self.seed, shard)
+            held = None
+            for where, record in self.records(shard):
+                try:
+                    sample = self.preprocess(record, rng)
+                except SkipSample as skipped:
+                    self.skip(skipped.reason, where, skipped.detail)
+                    self.add_counts(skipped.counts, where)
+                    continue
+                except Exception as error:  # e.g. an image the image processor cannot handle: skip, as the original
+                    self.skip(PREPROCESS_ERROR, where, f"{type(error).__name__}: {error}")
+                    continue
+                self.add_counts(sample.pop(SKIPPED_KEY, {}), where)
+                if held is not None:
+                    yield self._with_counts(held)
+                held = sample
+            if held is not None:
+                yield self._with_counts(held)
+
+    def _with_counts(self, sample: dict[str, Any]) -> dict[str, Any]:
+        sample[SKIPPED_KEY] = dict(self._pending)
+        self._pending.clear()
+        return sample
+
+
+class _TarReader(_ShardReader):
+    """Reads webdataset tars with webdataset's tar iteration; its handler counts errors instead of raising."""
+
+    def tar_samples(self, shard: str) -> Iterator[dict[str, Any]]:
+        shard_errors = set()  # a truncated tar is reported twice (in the member, then at the next header)
+
+        def handler(error: Exception) -> bool:
+            reason = _tar_error_reason(error)
+            if reason in _SHARD_REASONS:
+                if reason in shard_errors:
+                    return True
+                shard_errors.add(reason)
+            self.skip(reason, f"shard {shard}", f"{type(error).__name__}: {error.args[0] if error.args else ''}")
+            return True
+
+        streams = url_opener([{"url": shard}], handler=handler)
+        yield from group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
+        if not shard_errors and _tar_stops_early(shard):
+            self.skip(CORRUPT_TAR, f"shard {shard}", "a corrupt member header ended the archive early")
+
+
+def _tar_stops_early(path: str) -> bool:
+    """
+    Whether a local, uncompressed tar has data after the point where reading it stops. Python's `tarfile` ends the
+    archive silently at a corrupt header in the middle, losing the rest of the shard without an error.
+    """
+    if not os.path.isfile(path):
+        return False
+    try:
+        with tarfile.open(path, "r:") as archive:
+            end = 0
+            for member in archive:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        with open(path, "rb") as file:
+            file.seek(end)
+            while chunk := file.read(1 << 16):
+                if chunk.strip(b"\0"):
+                    return True
+    except (tarfile.TarError, OSError):
+        return False  # compressed, or already reported by the main pass
+    return False
+
+
+class _PairReader(_TarReader):
+    """Image-caption pairs from tars, JSONL files and image folders (chosen per shard)."""
+
+    def records(self, shard: str) -> Iterator[tuple[str, tuple[bytes, str]]]:
+        if os.path.isdir(shard):
+            return self._folder_records(shard)
+        if shard.endswith(".jsonl"):
+            return self._jsonl_records(shard)
+        return self._tar_records(shard)
+
+    def _tar_records(self, shard: str):
+        for sample in self.tar_samples(shard):
+            where = f"sample {sample.get('__key__')!r} of {shard}"
+            extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
+            if extension is None or "txt" not in sample:
+                self.skip(MISSING_FIELDS, where, f"needs an image ({'/'.join(PAIR_IMAGE_EXTENSIONS)}) and a txt")
+                continue
+            try:
+                caption = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError as error:
+                self.skip(BAD_TEXT, where, str(error))
+                continue
+            yield where, (sample[extension], caption)
+
+    def _jsonl_records(self, shard: str):
+        folder = os.path.dirname(shard)
+        try:
+            file = open(shard, "rb")
+        except OSError as error:
+            self.skip(UNREADABLE_SHARD, f"shard {shard}", str(error))
+            return
+        with file:
+            for line_number, line in enumerate(file, start=1):
+                where = f"line {line_number} of {shard}"
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError as error:
+                    self.skip(BAD_JSON, where, str(error))
+                    continue
+                if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+                    self.skip(MISSING_FIELDS, where, "needs 'image' and 'caption'")
+                    continue
+                if not isinstance(entry["image"], str) or not isinstance(entry["caption"], str):
+                    self.skip(MALFORMED_FIELDS, where, "'image' and 'caption' must be strings")
+                    continue
+                try:
+                    with open(os.path.join(folder, entry["image"]), "rb") as image_file:
+                        encoded = image_file.read()
+                except OSError as error:
+                    self.skip(MISSING_IMAGE_FILE, where, str(error))
+                    continue
+                yield where, (encoded, entry["caption"])
+
+    def _folder_records(self, shard: str):
+        try:
+            names = sorted(os.listdir(shard))
+        except OSError as error:
+            self.skip(UNREADABLE_SHARD, f"shard {shard}", str(error))
+            return
+        groups: dict[str, dict[str, str]] = {}
+        for name in names:
+            stem, extension = os.path.splitext(name)
+            extension = extension[1:].lower()
+            if extension in PAIR_IMAGE_EXTENSIONS or extension == "txt":
+                groups.setdefault(stem, {}).setdefault(extension, os.path.join(shard, name))
+        for stem, files in groups.items():
+            where = f"{stem!r} in {shard}"
+            extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in files), None)
+            if extension is None or "txt" not in files:
+                self.skip(MISSING_FIELDS, where, "needs an image and a .txt file")
+                continue
+            try:
+                with open(files[extension], "rb") as image_file, open(files["txt"], "rb") as text_file:
+                    encoded, caption = image_file.read(), text_file.read().decode("utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                self.skip(BAD_TEXT if isinstance(error, UnicodeDecodeError) else MISSING_IMAGE_FILE, where, str(error))
+                continue
+            yield where, (encoded, caption)
+
+
+class _InterleavedReader(_TarReader):
+    """Interleaved documents: the `json` member of each tar sample."""
+
+    def records(self, shard: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for sample in self.tar_samples(shard):
+            where = f"sample {sample.get('__key__')!r} of {shard}"
+            if "json" not in sample:
+                self.skip(MISSING_FIELDS, where, "no json member")
+                continue
+            try:
+                document = json.loads(sample["json"])
+            except ValueError as error:
+                self.skip(BAD_JSON, where, str(error))
+                continue
+            if not isinstance(document, dict):
+                self.skip(MALFORMED_FIELDS, where, "the json is not an object")
+                continue
+            yield where, document
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_pair_dataset(
+    shards: str | Sequence[str],
+    processor: OpenFlamingoProcessor,
+    max_length: int = 32,
+    seed: int = 0,
+    *,
+    mask_eos: bool = False,
+    repeat: bool = False,
+    num_samples: int | None = None,
+    shuffle_buffer_size: int = 0,
+) -> datasets.IterableDataset:
+    """
+    Image-caption pairs (see `preprocess_pair`) from webdataset tars (`jpg`/`png`/`jpeg` + `txt`; other samples
+    are skipped), JSONL files (`.jsonl`: `{"image": path relative to the file's folder, "caption": ...}` per line)
+    and image folders (`x.jpg` + `x.txt`), one `datasets` shard per tar / file / folder.
+
+    Args:
+        shards: shard spec, see `expand_shards`.
+        processor: an `OpenFlamingoProcessor`.
+        max_length: tokens per sample (the original used 32).
+        seed: seeds the flips (per shard, see the module docstring) and the shuffling.
+        mask_eos: passed to `processor.pretraining_labels`.
+        repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+    Returns:
+        `datasets.IterableDataset` of dicts with `input_ids`, `attention_mask`, `labels`, `pixel_values`,
+        `skipped`.
+    """
+    preprocess = functools.partial(_preprocess_pair_record, processor=processor, max_length=max_length,
+                                   mask_eos=mask_eos)
+    return _build(_PairReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
+                  shuffle_buffer_size)
+
+
+def build_interleaved_dataset(
+    shards: str | Sequence[str],
+    processor: OpenFlamingoProcessor,
+    sim_threshold: float = 0.24,
+    min_num_images: int = 1,
+    max_num_images: int = 6,
+    max_length: int = 256,
+    seed: int = 0,
+    mask_eos: bool = False,
+    *,
+    repeat: bool = False,
+    num_samples: int | None = None,
+    shuffle_buffer_size: int = 0,
+) -> datasets.IterableDataset:
+    """
+    Interleaved documents (see `preprocess_interleaved`) from webdataset tars of `json` samples (MMC4 or
+    ChatGPT-generated), one `datasets` shard per tar.
+
+    Args:
+        shards: shard spec, see `expand_shards`.
+        processor: an `OpenFlamingoProcessor`.
+        sim_threshold, min_num_images, max_num_images, max_length, mask_eos: see `preprocess_interleaved`.
+        seed: seeds the flips and the single-image rule (per shard, see the module docstring) and the shuffling.
+        repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+    Returns:
+        `datasets.IterableDataset` of dicts with `input_ids`, `attention_mask`, `labels`, `pixel_values`
+        (max_num_images, 1, 3, H, W), `skipped`.
+    """
+    preprocess = functools.partial(
+        _preprocess_document_record, processor=processor, sim_threshold=sim_threshold, min_num_images=min_num_images,
+        max_num_images=max_num_images, max_length=max_length, mask_eos=mask_eos,
+    )
+    return _build(_InterleavedReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
+                  shuffle_buffer_size)
+
+
+def _preprocess_pair_record(record: tuple[bytes, str], rng: Rng, **kwargs) -> dict[str, Any]:
+    image, caption = record
+    return preprocess_pair(image, caption, rng=rng, **kwargs)
+
+
+def _preprocess_document_record(record: dict[str, Any], rng: Rng, **kwargs) -> dict[str, Any]:
+    return preprocess_interleaved(record, rng=rng, **kwargs)
+
+
+def _build(reader: _ShardReader, shards: list[str], seed: int, repeat: bool, num_samples: int | None,
+           shuffle_buffer_size: int) -> datasets.IterableDataset:
+    dataset = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": shards})
+    return finalize_dataset(dataset, seed, repeat, num_samples, shuffle_buffer_size)
+
+
+def finalize_dataset(
+    dataset: datasets.IterableDataset,
+    seed: int = 0,
+    repeat: bool = False,
+    num_samples: int | None = None,
+    shuffle_buffer_size: int = 0,
+) -> datasets.IterableDataset:
+    """
+    Shuffling, repetition and length of a pretraining stream.
+
+    Args:
+        shuffle_buffer_size: when > 0, shuffle the shard order and the samples through a buffer of this size
+            (`IterableDataset.shuffle(seed=seed, ...)`; the original used 5000 samples). Call `set_epoch` on the
+            dataset to reshuffle per epoch.
+        repeat: cycle over the shards forever (`IterableDataset.repeat(None)`). The original recipe steps both
+            streams together, so each must yield the same number of batches per epoch: use `repeat=True` with
+            `num_samples`, so that neither stream runs out first.
+        num_samples: stop after this many samples (`IterableDataset.take`). `datasets` divides it over the shards'
+            readers: split with `split_dataset_by_node` *after* this, it is the total over all processes (and
+            DataLoader workers), the original's `--train_num_samples`.
+    """
+    if shuffle_buffer_size > 0:
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    if repeat:
+        dataset = dataset.repeat(None)
+    if num_samples is not None:
+        dataset = dataset.take(num_samples)
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_image(image: PIL.Image.Image, image_format: str = "PNG") -> bytes:
+    """The image encoded as `image_format` (a PIL format name: PNG, JPEG, ...)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def encode_image_base64(image: PIL.Image.Image | bytes, image_format: str = "PNG") -> str:
+    """Base64 text of an encoded image (or of a PIL image encoded as `image_format`), for interleaved documents."""
+    encoded = image if isinstance(image, bytes) else encode_image(image, image_format)
+    return base64.b64encode(encoded).decode("ascii")
+
+
+def write_pair_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]]) -> int:
+    """
+    Writes image-caption pairs as a webdataset tar read by `build_pair_dataset`.
+
+    Args:
+        examples: dicts with `image` (a PIL image, or encoded bytes written as they are), `caption` (str), and
+            optionally `key` (default: the example's index, zero-padded) and `image_ext` (`"png"` (default),
+            `"jpg"` or `"jpeg"`: the member's extension and, for PIL images, the encoding).
+    Returns:
+        The number of samples written.
+    """
+    count = 0
+    with wds.TarWriter(os.fspath(path), encoder=False) as writer:
+        for index, example in enumerate(examples):
+            extension = example.get("image_ext", "png")
+            image = example["image"]
+            if not isinstance(image, bytes):
+                image = encode_image(image, "PNG" if extension == "png" else "JPEG")
+            writer.write({"__key__": str(example.get("key", f"{index:09d}")), extension: image,
+                          "txt": example["caption"].encode("utf-8")})
+            count += 1
+    return count
+
+
+def write_interleaved_shard(path: str | os.PathLike, documents: Iterable[Mapping[str, Any] | str | bytes]) -> int:
+    """
+    Writes interleaved documents as a webdataset tar of `json` samples read by `build_interleaved_dataset`.
+
+    Args:
+        documents: JSON objects in the MMC4 format (`text_list`, `image_info` entries with `image_base64`, see
+            `encode_image_base64`, `similarity_matrix`) or the ChatGPT one (`is_gpt`, `example`, `image_map`);
+            `str` / `bytes` are written as they are (e.g. to test malformed JSON). Keys are the zero-padded index.
+    Returns:
+        The number of samples written.
+    """
+    count = 0
+    with wds.TarWriter(os.fspath(path), encoder=False) as writer:
+        for index, document in enumerate(documents):
+            if isinstance(document, str):
+                document = document.encode("utf-8")
+            elif not isinstance(document, bytes):
+                document = json.dumps(document).encode("utf-8")
+            writer.write({"__key__": f"{index:09d}", "json": document})
+            count += 1
+    return count
+
+
+__all__ = [
+    "SkipSample",
+    "build_interleaved_dataset",
+    "build_pair_dataset",
+    "encode_image",
+    "encode_image_base64",
+    "expand_shards",
+    "finalize_dataset",
+    "preprocess_interleaved",
+    "preprocess_pair",
+    "shard_rng",
+    "write_interleaved_shard",
+    "write_pair_shard",
+]
