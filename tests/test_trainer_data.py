@@ -75,13 +75,11 @@ def text_of(sample, processor) -> str:
     return processor.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def pixels(processor, encoded_images, flip=False, slots=None) -> torch.Tensor:
-    """The expected (slots, 1, 3, H, W) pixel values."""
+def pixels(processor, encoded_images, flip=False) -> torch.Tensor:
+    """The expected (num_images, 1, 3, H, W) pixel values: the images the text uses, no padding slots."""
     images = [Image.open(io.BytesIO(image)).convert("RGB") for image in encoded_images]
     expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     expected = expected.flip(-1) if flip else expected
-    if slots is not None and slots > len(images):
-        expected = torch.cat([expected, expected.new_zeros((slots - len(images), *expected.shape[1:]))])
     return expected.unsqueeze(1)
 
 
@@ -186,7 +184,7 @@ def test_argmax_assignment_two_images_on_one_sentence(processor):
     document = mmc4(["A cat.", "A dog.", "Two birds."], images, [[0.3, 0.5, 0.1], [0.2, 0.9, 0.4]])
     sample = preprocess_interleaved(document, processor, max_num_images=3, max_length=40, rng=FixedRng(NO_FLIP))
     assert text_of(sample, processor) == f"A cat.{image}{eoc}{image}A dog. Two birds.{eoc}{eos}"
-    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images, slots=3))
+    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images))
     assert sample[SKIPPED_KEY] == {}
 
 
@@ -197,7 +195,7 @@ def test_similarity_threshold(processor):
     sample = preprocess_interleaved(document, processor, sim_threshold=0.24, max_length=40, rng=FixedRng(NO_FLIP))
     # Image 0 (best 0.23 < 0.24) is dropped; 0.24 itself is kept.
     assert text_of(sample, processor) == f"S0.{image}S1.{eoc}{image}S2.{eoc}{eos}"
-    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[1:], slots=6))
+    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[1:]))
     assert sample[SKIPPED_KEY] == {data.IMAGE_BELOW_THRESHOLD: 1}
 
 
@@ -246,7 +244,7 @@ def test_images_are_ordered_by_sentence(processor):
     sample = preprocess_interleaved(document, processor, max_length=40, rng=FixedRng(NO_FLIP))
     assert text_of(sample, processor) == f"{image}S0. S1.{eoc}{image}{eoc}{image}S2.{eoc}{eos}"
     torch.testing.assert_close(sample["pixel_values"],
-                               pixels(processor, [images[1], images[0], images[2]], slots=6))
+                               pixels(processor, [images[1], images[0], images[2]]))
 
 
 def test_max_num_images_keeps_the_first_images(processor):
@@ -295,7 +293,7 @@ def test_truncation_drops_images(processor):
     cut = _first_index(processor, full, processor.image_token_id, 2)  # the third <image> falls off
     sample = preprocess_interleaved(document, processor, max_length=cut, rng=FixedRng(NO_FLIP))
     assert int((sample["input_ids"] == processor.image_token_id).sum()) == 2
-    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[:2], slots=6))
+    torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[:2]))
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, min_num_images=3, max_length=cut, rng=FixedRng(NO_FLIP))
     assert raised.value.reason == data.TOO_FEW_IMAGES
@@ -410,7 +408,7 @@ def test_gpt_document_matches_the_original_text(processor, example):
     images = {1: big_png(1), 2: big_png(2)}
     sample = preprocess_interleaved(gpt_document(example, images), processor, max_length=64, rng=FixedRng(NO_FLIP))
     assert text_of(sample, processor) == original_gpt_text(example, processor)
-    torch.testing.assert_close(sample["pixel_values"], pixels(processor, [images[1], images[2]], slots=6))
+    torch.testing.assert_close(sample["pixel_values"], pixels(processor, [images[1], images[2]]))
 
 
 def test_gpt_document_hand_computed(processor):
@@ -423,7 +421,7 @@ def test_gpt_document_hand_computed(processor):
         f"Intro text{image}first chunk.{eoc}{image}second.{eoc}{image}third.{eoc}{eos}")
     # Each marker's own image, in text order; all flipped.
     torch.testing.assert_close(sample["pixel_values"],
-                               pixels(processor, [images[2], images[1], images[3]], flip=True, slots=6))
+                               pixels(processor, [images[2], images[1], images[3]], flip=True))
     # At most max_num_images markers; the text stops before the next one.
     capped = preprocess_interleaved(document, processor, max_num_images=2, max_length=64, rng=FixedRng(NO_FLIP))
     assert text_of(capped, processor) == f"Intro text{image}first chunk.{eoc}{image}second.{eoc}{eos}"
@@ -435,7 +433,7 @@ def test_gpt_document_hand_computed(processor):
         preprocess_interleaved(document, processor, min_num_images=2, max_length=cut, rng=FixedRng(NO_FLIP))
     assert raised.value.reason == data.TOO_FEW_IMAGES
     one = preprocess_interleaved(document, processor, max_length=cut, rng=FixedRng(NO_FLIP))  # no 50% rule here
-    torch.testing.assert_close(one["pixel_values"], pixels(processor, [images[2]], slots=6))
+    torch.testing.assert_close(one["pixel_values"], pixels(processor, [images[2]]))
     # A marker without its image rejects the document.
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(gpt_document("a _!_IMAGE4_!_ b", images), processor)

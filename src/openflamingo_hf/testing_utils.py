@@ -116,4 +116,38 @@ def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: f
     return model, processor
 
 
-__all__ = ["EOS_TOKEN", "build_tiny_model_and_processor", "build_tiny_tokenizer", "make_image"]
+def save_tiny_backbones(folder, family: str = "llama", seed: int = 0) -> tuple[str, str]:
+    """
+    Writes a tiny random CLIP vision tower (with a CLIP image processor at its 30 px size) to `folder/vision` and a
+    tiny random causal LM (with the tiny tokenizer) to `folder/lm`, as pretrained backbones would be on disk: the
+    starting point of `openflamingo-train --vision_model ... --language_model ...` in tests.
+
+    Returns:
+        `(vision_path, language_model_path)`
+    """
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    from .processing.processing_openflamingo import default_image_processor
+    from .tiny_models import tiny_text_config, tiny_vision_config
+
+    vision_path, lm_path = os.path.join(folder, "vision"), os.path.join(folder, "lm")
+    torch.manual_seed(seed)
+    vision_config = tiny_vision_config()
+    CLIPVisionModel(vision_config).save_pretrained(vision_path)
+    image_processor = default_image_processor()
+    size = vision_config.image_size
+    image_processor.size = {"shortest_edge": size}
+    image_processor.crop_size = {"height": size, "width": size}
+    image_processor.save_pretrained(vision_path)
+    tokenizer = build_tiny_tokenizer()
+    text_config = tiny_text_config(family, vocab_size=len(tokenizer), pad_token_id=None,
+                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    AutoModelForCausalLM.from_config(text_config).save_pretrained(lm_path)
+    tokenizer.save_pretrained(lm_path)
+    return vision_path, lm_path
+
+
+__all__ = ["EOS_TOKEN", "build_tiny_model_and_processor", "build_tiny_tokenizer", "make_image", "save_tiny_backbones"]

@@ -262,7 +262,7 @@ def preprocess_interleaved(
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (max_length,) (labels: `pretraining_labels(..., interleaved=True)`);
-        `pixel_values` (max_num_images, 1, 3, H, W), zero past the `num_images` used images; `skipped`: counts of
+        `pixel_values` (num_images, 1, 3, H, W), the images the text uses (the collator pads); `skipped`: counts of
         the images dropped (`image_*` reasons).
     Raises:
         SkipSample: the document is not used (its `reason` says why; its `counts` hold the dropped images).
@@ -422,7 +422,9 @@ def _interleaved_sample(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": _pixel_values(images, processor, flip, num_slots=max_num_images),
+        # Only the images the text uses: the collator pads each batch to its longest row (the original padded every
+        # document to max_num_images; the model refuses image slots that no <image> token of the batch refers to).
+        "pixel_values": _pixel_values(images, processor, flip, num_slots=len(images)),
         SKIPPED_KEY: dict(dropped),
     }
 
@@ -762,7 +764,7 @@ def build_interleaved_dataset(
         repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
     Returns:
         `datasets.IterableDataset` of dicts with `input_ids`, `attention_mask`, `labels`, `pixel_values`
-        (max_num_images, 1, 3, H, W), `skipped`.
+        (num_images, 1, 3, H, W) (the images the text uses), `skipped`.
     """
     preprocess = functools.partial(
         _preprocess_document_record, processor=processor, sim_threshold=sim_threshold, min_num_images=min_num_images,
