@@ -101,6 +101,7 @@ def test_bad_shards_train_to_the_end_and_report_what_was_skipped(workdir, tmp_pa
     main(common_args(workdir, output_dir, 6) + [
         "--laion_shards", str(tmp_path / "pairs-bad-*.tar"), "--mmc4_shards", str(tmp_path / "docs-bad-0.tar"),
         "--batch_size_laion", "2", "--batch_size_mmc4", "1", "--mmc4_min_num_images", "1", "--logging_steps", "1",
+        "--gradient_checkpointing",  # exercised here too: frozen LM, trainable blocks
     ])
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 6
