@@ -29,14 +29,16 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from transformers import HfArgumentParser, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
+
+from .cli.parsing import OneLineErrorParser
 
 PACKAGE = "openflamingo_hf"
 
@@ -83,26 +85,6 @@ SHIPPED_CAUSAL_LM_TYPES = ("mosaic_gpt",)
 
 class ExportError(ValueError):
     """The model, the processor or the output folder cannot be exported as asked; the message says what to do."""
-
-
-class OneLineErrorParser(HfArgumentParser):
-    """
-    The `HfArgumentParser` of this package's CLIs: every error, argparse's own and those the CLI reports through
-    `parser.error`, is one `prog: error: message` line on stderr and exit status 2. argparse would print the usage
-    first, which for CLIs with this many options is a block that buries the message (`--help` shows it).
-    """
-
-    def error(self, message: str) -> NoReturn:
-        # Collapsed to one line: messages quoting exceptions (strict-dataclass errors, key lists) span several.
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
-
-    def parse_command_line(self, argv: Sequence[str] | None) -> Any:
-        """The dataclass of arguments (a tuple for several); an unknown option is a usage error, not
-        HfArgumentParser's ValueError."""
-        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}. See --help for the options.")
-        return parsed[0] if len(parsed) == 1 else tuple(parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

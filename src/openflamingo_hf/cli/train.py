@@ -115,7 +115,7 @@ class OpenFlamingoTrainingArguments(TrainingArguments):
 
 
 def build_parser():
-    from ..hub import OneLineErrorParser
+    from .parsing import OneLineErrorParser
 
     return OneLineErrorParser(
         (ModelArguments, DataArguments, OpenFlamingoTrainingArguments),

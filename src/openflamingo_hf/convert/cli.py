@@ -31,7 +31,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
-from ..hub import ExportError, OneLineErrorParser, check_output_dir, staged_output_dir, unwritable_location
+from ..cli.parsing import OneLineErrorParser
+from ..hub import ExportError, check_output_dir, staged_output_dir, unwritable_location
 from ..modeling.configuration_openflamingo import OpenFlamingoConfig
 from ..modeling.modeling_openflamingo import (
     OpenFlamingoForConditionalGeneration,
