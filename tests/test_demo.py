@@ -1,9 +1,15 @@
 """The README's main command (`make demo` = `python -m openflamingo_hf.demo`) runs end to end without a download."""
 
 from openflamingo_hf.demo import main
+from openflamingo_hf.embedded import sample_captions
 
 
-def test_demo_runs_and_pipeline_agrees_with_generate(capsys):
-    main(["--max_new_tokens", "5"])  # raises SystemExit if the pipeline's caption differs from generate's
+def test_demo_prints_correct_captions_and_answers(capsys):
+    main(["--max_new_tokens", "12"])  # raises SystemExit if the pipeline's answer differs from generate's
     out = capsys.readouterr().out
-    assert "beam search (3 beams)" in out and "pipeline, greedy" in out
+    assert "Captions" in out and "Questions" in out and "pipeline ->" in out
+    # The embedded model gets the bundled images right (each line is marked ok or WRONG against the truth).
+    caption_lines = [line for line in out.splitlines() if line.strip().startswith("sample-")][: len(sample_captions())]
+    assert sum("[ok]" in line for line in caption_lines) >= len(caption_lines) - 1, out
+    for true_caption in sample_captions():
+        assert repr(true_caption) in out or "WRONG" in out

@@ -1,97 +1,103 @@
-"""Few-shot captioning with OpenFlamingo, end to end: processor -> generate -> decoded text, and the same through
-`pipeline("image-text-to-text")`.
+"""OpenFlamingo's main job end to end, offline: interleaved images and text in, text out.
 
-    python -m openflamingo_hf.demo                                   # tiny random model built in-process, no download
-    python -m openflamingo_hf.demo --model path/or/hub-id --images cat.jpg dog.jpg query.jpg \\
-        --captions "a cat." "a dog."                                 # a converted release (see openflamingo-convert)
+    python -m openflamingo_hf.demo                        # the embedded model on the bundled sample images
+    python -m openflamingo_hf.demo --model path/or/hub-id --images a.jpg b.jpg query.jpg --captions "a cat." "a dog."
 
-The embedded default is a tiny model with random weights, so its captions are noise: it shows the machinery (special
-tokens, interleaved prompt, padding, cached generation with beam search, decoding) without any download.
+With the embedded model (a tiny OpenFlamingo trained by this package's recipe on a procedural world, see
+`openflamingo_hf.embedded`): zero-shot captions, short VQA answers, and a tag task whose format only the few-shot
+demonstrations give (in-context learning), each checked against the truth; then the same few-shot prompt through
+`pipeline("image-text-to-text")`, which must agree with `model.generate`. With `--model`: few-shot captioning of the
+given images.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, pipeline
 
-from .testing_utils import build_tiny_model_and_processor, make_image
-
 
 @dataclass
 class DemoArguments:
     model: str | None = field(
-        default=None,
-        metadata={"help": "Converted OpenFlamingo folder or Hub id. Default: a tiny random model built in-process."},
+        default=None, metadata={"help": "Converted OpenFlamingo folder or Hub id. Default: the embedded model."}
     )
     images: list[str] = field(
         default_factory=list,
-        metadata={"help": "Demonstration images followed by the query image (paths or URLs). Default: synthetic."},
+        metadata={"help": "With --model: demonstration images followed by the query image (paths or URLs)."},
     )
     captions: list[str] = field(
-        default_factory=lambda: ["a cat sitting on a red mat.", "a dog running in the park."],
-        metadata={"help": "One caption per demonstration image (all images but the last)."},
+        default_factory=list, metadata={"help": "With --model: one caption per demonstration image."}
     )
-    prompt_prefix: str = field(default="Output:", metadata={"help": "Text after each <image> (the original's)."})
+    prompt_prefix: str = field(default="Output:", metadata={"help": "With --model: text after each <image>."})
     num_beams: int = field(default=3, metadata={"help": "Beam search width (the evaluation protocol uses 3)."})
     max_new_tokens: int = field(default=20, metadata={"help": "Tokens to generate at most."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
 
 
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "WRONG"
+
+
+def run_embedded(args: DemoArguments) -> None:
+    from .embedded import answer, caption, load_embedded_model, sample_examples, sample_image_paths
+    from .embedded.world import tag_text
+
+    model, processor = load_embedded_model(args.device)
+    paths, examples = sample_image_paths(), sample_examples()
+    print(f"The embedded OpenFlamingo ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
+          f"{len(paths)} bundled images ({paths[0].rsplit('/', 1)[0]}).\n")
+
+    print("Captions (prompt '<image>'):")
+    for path, example, text in zip(paths, examples, caption(paths, model, processor)):
+        print(f"  {path.rsplit('/', 1)[-1]:<14} {text!r:<28} [{_mark(text == example.caption)}]")
+
+    print("\nQuestions (prompt '<image>Question:... Short answer:'):")
+    for path, example, text in zip(paths, examples, answer(paths, [e.question for e in examples], model, processor)):
+        print(f"  {path.rsplit('/', 1)[-1]:<14} {example.question:<28} {text!r:<10} [{_mark(text == example.answer)}]")
+
+    # In-context learning: the tag format is given only by the demonstrations.
+    demonstrations, query = examples[:-1], examples[-1]
+    prompt = processor.few_shot_prompt([tag_text(e.tag("slash")) for e in demonstrations], tag_text())
+    print(f"\nFew-shot ({len(demonstrations)} demonstrations, format shown only by them):\n  {prompt!r}")
+    pipe = pipeline("image-text-to-text", model=model, processor=processor, device=model.device)
+    result = pipe(images=paths, text=prompt, return_full_text=False,
+                  generate_kwargs=dict(max_new_tokens=args.max_new_tokens, do_sample=False))
+    piped = result[0]["generated_text"].strip()
+    print(f"  pipeline -> {piped!r} [{_mark(piped == query.tag('slash'))}] (truth {query.tag('slash')!r})")
+    inputs = processor(images=[paths], text=[prompt], return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    beams = processor.post_process_generation(generated, inputs["input_ids"])[0].strip()
+    print(f"  generate, beam search ({args.num_beams} beams) -> {beams!r}")
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    if processor.post_process_generation(greedy, inputs["input_ids"])[0].strip() != piped:
+        raise SystemExit("The pipeline's greedy answer differs from model.generate's: this is a bug.")
+
+
+def run_model(args: DemoArguments) -> None:
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model).to(args.device).eval()
+    if len(args.images) != len(args.captions) + 1:
+        raise SystemExit(
+            f"--images needs one image per caption plus the query image: got {len(args.images)} images for "
+            f"{len(args.captions)} captions."
+        )
+    prompt = processor.few_shot_prompt([f"{args.prompt_prefix}{c}" for c in args.captions], args.prompt_prefix)
+    inputs = processor(images=[list(args.images)], text=[prompt], return_tensors="pt").to(args.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    print(f"Prompt: {prompt!r}\nCaption: {processor.post_process_generation(output, inputs['input_ids'])[0]!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     if args.model is None:
-        print("Building a tiny random OpenFlamingo (Llama-style LM, CLIP-style vision tower) in-process ...")
-        model, processor = build_tiny_model_and_processor("llama")
+        run_embedded(args)
     else:
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
-    model.to(args.device)
-
-    num_shots = len(args.captions)
-    if args.images:
-        if len(args.images) != num_shots + 1:
-            raise ValueError(
-                f"--images needs one image per caption plus the query image: got {len(args.images)} images for "
-                f"{num_shots} captions."
-            )
-        images = list(args.images)  # the processor reads the files (16-bit images included)
-    else:
-        images = [make_image(seed, size=(64, 48)) for seed in range(num_shots + 1)]
-
-    prompt = processor.few_shot_prompt([f"{args.prompt_prefix}{caption}" for caption in args.captions], args.prompt_prefix)
-    print(f"\nPrompt ({num_shots}-shot): {prompt!r}")
-    inputs = processor(images=[images], text=[prompt], return_tensors="pt").to(args.device)
-    print(
-        f"input_ids {tuple(inputs['input_ids'].shape)}, pixel_values {tuple(inputs['pixel_values'].shape)}, "
-        f"<image> id {processor.image_token_id}, <|endofchunk|> id {processor.eoc_token_id}"
-    )
-
-    rows = []
-    for name, kwargs in (
-        ("greedy", dict(do_sample=False)),
-        (f"beam search ({args.num_beams} beams)", dict(num_beams=args.num_beams, do_sample=False)),
-    ):
-        start = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
-        seconds = time.perf_counter() - start
-        text = processor.post_process_generation(output, inputs["input_ids"])[0]
-        rows.append((name, output.shape[1] - inputs["input_ids"].shape[1], seconds, text))
-
-    pipe = pipeline("image-text-to-text", model=model, processor=processor, device=model.device)
-    start = time.perf_counter()
-    result = pipe(images=images, text=prompt, return_full_text=False,
-                  generate_kwargs=dict(max_new_tokens=args.max_new_tokens, do_sample=False))
-    rows.append(("pipeline, greedy", None, time.perf_counter() - start, result[0]["generated_text"]))
-
-    print(f"\n{'decoding':<24} {'new tokens':>10} {'seconds':>8}  caption")
-    for name, new_tokens, seconds, text in rows:
-        print(f"{name:<24} {new_tokens if new_tokens is not None else '-':>10} {seconds:>8.3f}  {text!r}")
-    if rows[0][3] != rows[2][3]:
-        raise SystemExit("The pipeline's greedy caption differs from model.generate's: this is a bug.")
+        run_model(args)
 
 
 if __name__ == "__main__":

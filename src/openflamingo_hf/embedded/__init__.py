@@ -1,0 +1,184 @@
+"""
+The embedded OpenFlamingo: a tiny model trained by this package's own recipe on a procedural world, shipped with the
+package so that everything runs offline.
+
+    from openflamingo_hf.embedded import caption, answer, load_embedded_model, make_examples
+
+    examples = make_examples(4, seed=1)
+    caption([e.image for e in examples])                              # ["two red circles.", ...]
+    answer([e.image for e in examples], [e.question for e in examples])  # ["red", ...]
+
+Its folder (`EMBEDDED_MODEL_DIR`) loads like any converted model: `AutoModelForImageTextToText.from_pretrained`,
+`AutoProcessor.from_pretrained`, `pipeline("image-text-to-text", model=EMBEDDED_MODEL_DIR)`. It was trained by
+`examples/train_embedded.py` (see the README for its scores).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+
+import numpy as np
+
+from .world import FORMATS, HELD_OUT_SEED_START, SAMPLE_SEED, Example, make_examples, tag_text, vqa_text
+
+EMBEDDED_MODEL_DIR = str(resources.files(__package__).joinpath("model"))
+SAMPLES_DIR = str(resources.files(__package__).joinpath("samples"))
+
+# What a tag of each format looks like, to measure in-context format following.
+FORMAT_PATTERNS = {
+    "dash": re.compile(r"^[a-z]+-[a-z]+-\d$"),
+    "slash": re.compile(r"^[a-z]+/[a-z]+/\d$"),
+    "words": re.compile(r"^\d [a-z]+ [a-z]+$"),
+}
+
+_LOADED: dict = {}
+
+
+def load_embedded_model(device: str | None = None):
+    """`(model, processor)` of the shipped model, in eval mode (cached per device)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .. import OpenFlamingoConfig  # noqa: F401  (registers the Auto classes)
+
+    if not os.path.isfile(os.path.join(EMBEDDED_MODEL_DIR, "config.json")):
+        raise FileNotFoundError(
+            f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. Reinstall openflamingo-hf, or train it with "
+            "examples/train_embedded.py and copy its model folder there."
+        )
+    device = device or "cpu"
+    if device not in _LOADED:
+        model = AutoModelForImageTextToText.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32)
+        _LOADED[device] = (model.to(device).eval(), AutoProcessor.from_pretrained(EMBEDDED_MODEL_DIR))
+    return _LOADED[device]
+
+
+def sample_image_paths() -> list[str]:
+    """The bundled sample images (PNG files of the world)."""
+    return sorted(os.path.join(SAMPLES_DIR, name) for name in os.listdir(SAMPLES_DIR) if name.endswith(".png"))
+
+
+
+
+def sample_examples() -> list[Example]:
+    """The bundled samples as world examples (the same images, with their captions, questions and answers)."""
+    return make_examples(len(sample_image_paths()), SAMPLE_SEED)
+
+
+def sample_captions() -> list[str]:
+    """The true captions of `sample_image_paths()`, in the same order."""
+    with open(os.path.join(SAMPLES_DIR, "captions.txt"), encoding="utf-8") as file:
+        return [line.strip() for line in file if line.strip()]
+
+
+def default_caption_prompt(processor, num_images: int) -> str:
+    """A few-shot caption prompt for the sample images: the first `num_images - 1` captioned, the last the query."""
+    return processor.few_shot_prompt(sample_captions()[: num_images - 1], "")
+
+
+def _model_and_processor(model, processor):
+    if model is None:
+        return load_embedded_model()
+    if processor is None:
+        raise ValueError("Pass the processor of `model` too (processor=...), or neither for the embedded model.")
+    return model, processor
+
+
+def _generate(model, processor, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to `prompts` (one row of images each), cut at `<|endofchunk|>` and stripped."""
+    import torch
+
+    rows = [[image] if not isinstance(image, (list, tuple)) else list(image) for image in images]
+    inputs = processor(images=rows, text=prompts, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [text.strip() for text in processor.post_process_generation(generated, inputs["input_ids"])]
+
+
+def caption(images: list, model=None, processor=None) -> list[str]:
+    """Captions of `images` (PIL images, arrays or paths), one per image, with the zero-shot prompt `<image>` (the
+    recipe's pair text, `processor.pair_text`, has no prefix before the caption)."""
+    model, processor = _model_and_processor(model, processor)
+    images = list(images)
+    return _generate(model, processor, images, [processor.few_shot_prompt([], "")] * len(images), 16)
+
+
+def answer(images: list, questions: list[str], model=None, processor=None) -> list[str]:
+    """Short answers, one per (image, question), with the prompt `<image>Question:{q} Short answer:`."""
+    images, questions = list(images), list(questions)
+    if len(images) != len(questions):
+        raise ValueError(f"Got {len(images)} images for {len(questions)} questions: give one question per image.")
+    model, processor = _model_and_processor(model, processor)
+    prompts = [processor.few_shot_prompt([], vqa_text(question)) for question in questions]
+    return _generate(model, processor, images, prompts, 8)
+
+
+def follows_format(text: str, format_name: str) -> bool:
+    return bool(FORMAT_PATTERNS[format_name].match(text.strip()))
+
+
+def evaluate_embedded(model_dir: str | None = None, seed: int = HELD_OUT_SEED_START + 12345, num_examples: int = 60, shots: int = 4) -> dict:
+    """
+    Held-out scores (examples drawn with `seed`, never used in training): exact captions, short VQA answers, and
+    tag-format following with `shots` demonstrations against none (in-context learning).
+    """
+    model, processor = _load(model_dir)
+    examples = make_examples(num_examples, seed)
+    images = [e.image for e in examples]
+    captions = caption(images, model, processor)
+    answers = answer(images, [e.question for e in examples], model, processor)
+    scores = {
+        "caption_exact": float(np.mean([c == e.caption for c, e in zip(captions, examples)])),
+        "vqa_exact": float(np.mean([a == e.answer for a, e in zip(answers, examples)])),
+    }
+    scores.update(in_context_format_following(examples, model, processor, shots, seed))
+    return scores
+
+
+def in_context_format_following(examples: list[Example], model, processor, shots: int = 4, seed: int = 0) -> dict:
+    """How often the tag of a query image takes the format its demonstrations show, with `shots` of them and none."""
+    rng = np.random.default_rng(seed)
+    demo_pool = make_examples(4 * len(examples), seed + 1)
+    rows, prompts_few, prompts_zero, formats = [], [], [], []
+    for index, example in enumerate(examples):
+        format_name = list(FORMATS)[index % len(FORMATS)]
+        demos = [demo_pool[int(i)] for i in rng.choice(len(demo_pool), size=shots, replace=False)]
+        rows.append([d.image for d in demos] + [example.image])
+        prompts_few.append(processor.few_shot_prompt([tag_text(d.tag(format_name)) for d in demos], tag_text()))
+        prompts_zero.append(processor.few_shot_prompt([], tag_text()))
+        formats.append(format_name)
+    few = _generate(model, processor, rows, prompts_few, 10)
+    zero = _generate(model, processor, [e.image for e in examples], prompts_zero, 10)
+    return {
+        f"format_{shots}shot": float(np.mean([follows_format(t, f) for t, f in zip(few, formats)])),
+        "format_0shot": float(np.mean([follows_format(t, f) for t, f in zip(zero, formats)])),
+        f"tag_exact_{shots}shot": float(np.mean([t == e.tag(f) for t, e, f in zip(few, examples, formats)])),
+    }
+
+
+def _load(model_dir: str | None):
+    if model_dir is None:
+        return load_embedded_model()
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .. import OpenFlamingoConfig  # noqa: F401
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+__all__ = [
+    "EMBEDDED_MODEL_DIR",
+    "Example",
+    "answer",
+    "caption",
+    "default_caption_prompt",
+    "evaluate_embedded",
+    "load_embedded_model",
+    "make_examples",
+    "sample_examples",
+    "sample_image_paths",
+]
