@@ -4,9 +4,9 @@ package so that everything runs offline.
 
     from openflamingo_hf.embedded import caption, answer, load_embedded_model, make_examples
 
-    examples = make_examples(4, seed=1)
-    caption([e.image for e in examples])                              # ["two red circles.", ...]
-    answer([e.image for e in examples], [e.question for e in examples])  # ["red", ...]
+    examples = make_examples(4, seed=1_000_001)  # held-out seeds: >= world.HELD_OUT_SEED_START
+    caption([e.image for e in examples])                              # ["three green squares.", ...]
+    answer([e.image for e in examples], [e.question for e in examples])  # ["three", "green", ...]
 
 Its folder (`EMBEDDED_MODEL_DIR`) loads like any converted model: `AutoModelForImageTextToText.from_pretrained`,
 `AutoProcessor.from_pretrained`, `pipeline("image-text-to-text", model=EMBEDDED_MODEL_DIR)`. It was trained by
