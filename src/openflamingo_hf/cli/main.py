@@ -7,6 +7,7 @@
     openflamingo convert ...                                # = openflamingo-convert ...
     openflamingo export ...                                 # = openflamingo-export ...
     openflamingo train ...                                  # = openflamingo-train ...
+    openflamingo eval ...                                   # = openflamingo-eval ...
 
 Every subcommand explains itself with `--help`; every usage problem is one `openflamingo <sub>: error: ...` line on
 stderr and exit status 2. Importing this module is light: torch models, the processor and the release table are
@@ -64,6 +65,12 @@ def _train_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _eval_main(argv: list[str]) -> int:
+    from .eval import main
+
+    return main(argv)
+
+
 # name -> (one-line help, entry point taking the remaining argv)
 PASSTHROUGH_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "convert": (
@@ -75,6 +82,8 @@ PASSTHROUGH_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
         _export_main,
     ),
     "train": ("Pretrain or fine-tune an OpenFlamingo model (= openflamingo-train).", _train_main),
+    "eval": ("Few-shot evaluation on the paper's benchmarks, random or RICES demonstrations (= openflamingo-eval).",
+             _eval_main),
 }
 
 

@@ -113,13 +113,15 @@ def make_examples(n: int, seed: int = 0, draw_images: bool = True) -> list[Examp
 # Texts of the world, in the shapes the embedded model is trained and prompted with
 # ----------------------------------------------------------------------------------------------------------------------
 
-VQA_PROMPT = "Question:{question} Short answer:"
 TAG_PROMPT = "Tag:"
 
 
 def vqa_text(question: str, answer: str = "") -> str:
-    """`Question:{q} Short answer:{a}`: the original's VQA prompt (DESIGN §6); without `answer`, the query."""
-    return VQA_PROMPT.format(question=question) + answer
+    """`Question:{q} Short answer:{a}`: the original's VQA prompt (the processor's `TASK_TEMPLATES["vqa"]`, DESIGN
+    §6); without `answer`, the query."""
+    from ..processing.processing_openflamingo import TASK_TEMPLATES
+
+    return TASK_TEMPLATES["vqa"].format(question=question, answer=answer)
 
 
 def tag_text(tag: str = "") -> str:

@@ -52,6 +52,15 @@ DEFAULT_EOC_TOKEN = "<|endofchunk|>"
 DEFAULT_PAD_TOKEN = "<PAD>"
 CHAT_TEMPLATE_RESOURCE = "chat_template.jinja"
 
+# The text after each image in the original's evaluation prompts (DESIGN §6), by task: `{answer}` is the caption,
+# short answer or class name of a demonstration, and empty for the query.
+TASK_TEMPLATES = {
+    "captioning": "Output:{answer}",
+    "vqa": "Question:{question} Short answer:{answer}",
+    "hateful_memes": "is an image with: '{ocr}' written on it. Is it hateful? Answer:{answer}",
+    "classification": "Output:{answer}",
+}
+
 
 def load_default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN, eoc_token: str = DEFAULT_EOC_TOKEN) -> str:
     """
@@ -209,6 +218,43 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return "".join(f"{self.image_token}{text}{self.eoc_token}" for text in demonstrations) + (
             f"{self.image_token}{query}"
         )
+
+    def task_text(self, task: str, answer: str | None = None, **fields: str) -> str:
+        """
+        The text after an image in the evaluation prompt of `task` (a key of `TASK_TEMPLATES`): with `answer` for
+        a demonstration (`"Output:a cat."`), without it for the query (`"Output:"`). `fields` fill the template
+        (`question=` for VQA, `ocr=` for Hateful Memes).
+        """
+        if task not in TASK_TEMPLATES:
+            raise ValueError(f"Unknown task {task!r}: use one of {', '.join(TASK_TEMPLATES)}.")
+        try:
+            return TASK_TEMPLATES[task].format(answer="" if answer is None else answer.strip(), **fields)
+        except KeyError as error:
+            raise ValueError(f"The {task} prompt needs {error.args[0]}=...") from None
+
+    def task_prompt(self, demonstrations: list[str], query: str, text_only_demonstrations: bool = False) -> str:
+        """
+        The evaluation prompt: `few_shot_prompt(demonstrations, query)`, each demonstration a `task_text` with its
+        answer. `text_only_demonstrations` drops the demonstrations' `<image>` markers (the original's "0-shot":
+        two demonstrations as text only, no images but the query's).
+        """
+        prompt = self.few_shot_prompt(demonstrations, query)
+        if text_only_demonstrations:
+            context, query_part = prompt[: -len(self.image_token + query)], prompt[-len(self.image_token + query) :]
+            prompt = context.replace(self.image_token, "") + query_part
+        return prompt
+
+    @staticmethod
+    def postprocess_answer(task: str, text: str) -> str:
+        """
+        Where a generated evaluation answer ends, as the original cut it: captions at "Output" (and without
+        double quotes), VQA answers at "Question" / "Answer" / "Short" and at the first ", "; stripped.
+        """
+        if task == "captioning":
+            return text.split("Output", 1)[0].replace('"', "").strip()
+        if task == "vqa":
+            return re.split(", ", re.split("Question|Answer|Short", text, maxsplit=1)[0], maxsplit=1)[0].strip()
+        return text.strip()
 
     def pair_text(self, caption: str) -> str:
         """The text of an image-caption pair in pretraining: `<image>{caption}<|endofchunk|>{eos}`."""

@@ -1,0 +1,1 @@
+"""Few-shot evaluation of OpenFlamingo models: benchmarks, prompts, runner and metrics."""
