@@ -146,3 +146,41 @@ def test_two_processes_give_the_predictions_of_one(tmp_path):
         assert [r["id"] for r in first["predictions"]] == [r["id"] for r in second["predictions"]]
         assert [r["prediction"] for r in first["predictions"]] == [r["prediction"] for r in second["predictions"]]
         assert first["score"] == pytest.approx(second["score"], abs=1e-6)
+
+
+def test_rices_from_the_cli_with_a_local_clip_and_cached_embeddings(tmp_path, monkeypatch):
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from openflamingo_hf.eval import demonstrations
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100, max_position_embeddings=16),
+        projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    argv = ["--embedded_world", str(tmp_path / "world"), "--eval_coco", "--shots", "2", "--num_samples", "8",
+            "--batch_size", "8", "--rices", "--rices_vision_encoder_path", str(tmp_path / "clip"),
+            "--cached_demonstration_features", str(tmp_path / "cache"), "--results_file", str(tmp_path / "r.json")]
+    found = []
+    original_find = demonstrations.RICES.find
+    monkeypatch.setattr(demonstrations.RICES, "find",
+                        lambda self, queries, k: found.append(k) or original_find(self, queries, k))
+    main(argv)
+    assert found and set(found) == {2}
+    assert list((tmp_path / "cache").glob("*.safetensors"))  # the pool's embeddings, reused by the next run
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert list(results) == ["coco"] and results["coco"][0]["mean"] > 50
+
+
+def test_imagenet_wordnet_folders_need_class_names(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / split / "n01440764").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(["--eval_imagenet", "--imagenet_root", str(tmp_path)])
+    assert "--imagenet_class_names_path" in capsys.readouterr().err

@@ -48,7 +48,8 @@ class EvalArguments:
     compare_to_release: str | None = field(default=None, metadata={
         "help": "Release name whose published scores the table shows beside yours (see openflamingo releases)."})
     embedded_world: str | None = field(default=None, metadata={
-        "help": "Write the shipped model's world as all eight benchmarks into this folder and evaluate on them."})
+        "help": "Write the shipped model's world as the eight benchmarks into this folder and evaluate on them (all "
+                "eight, or those named by --eval_<name>)."})
     ok_vqa_stemming: bool = field(default=True, metadata={
         "help": "Stem OK-VQA predictions as the original (needs NLTK's punkt_tab, averaged_perceptron_tagger_eng and "
                 "wordnet data); --ok_vqa_stemming false scores OK-VQA with plain VQA accuracy (not comparable to the "
@@ -96,9 +97,10 @@ def selected_benchmarks(args: EvalArguments, datasets) -> list[str]:
 def _use_embedded_world(args: EvalArguments, datasets) -> None:
     from ..embedded.benchmarks import write_world_benchmarks
 
+    chosen = [name for name in PATH_FLAGS if getattr(datasets, f"eval_{name}")]
     for option, path in write_world_benchmarks(args.embedded_world).items():
         setattr(datasets, option, path)
-    for name in PATH_FLAGS:
+    for name in chosen or PATH_FLAGS:  # the --eval_<name> flags given, else all eight
         setattr(datasets, f"eval_{name}", True)
     args.ok_vqa_stemming = False
 

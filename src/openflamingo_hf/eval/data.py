@@ -101,7 +101,23 @@ def load_benchmark_data(name: str, values: dict) -> BenchmarkData:
     import os
 
     class_names = v.get("imagenet_class_names_path")
+    _check_class_folders(os.path.join(v["imagenet_root"], "val"), class_names)
     train = loaders.load_imagenet(os.path.join(v["imagenet_root"], "train"), class_names)
     test = loaders.load_imagenet(os.path.join(v["imagenet_root"], "val"), class_names)
     names = sorted({e.label for e in train + test}) if class_names is None else None
     return BenchmarkData(train, test, class_names=names)
+
+
+def _check_class_folders(split_dir: str, class_names: str | None) -> None:
+    """ImageNet's own folders are WordNet ids (n01440764): ranking those as class names would score nonsense."""
+    import os
+    import re
+
+    if class_names is None and os.path.isdir(split_dir):
+        folders = [name for name in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, name))]
+        if folders and all(re.fullmatch(r"n\d{8}", name) for name in folders):
+            raise ValueError(
+                f"{split_dir}: the class folders are WordNet ids (e.g. {sorted(folders)[0]}); pass "
+                "--imagenet_class_names_path, a JSON list of the class names in sorted folder order (the original "
+                "used OpenAI's CLIP ImageNet class names) or a folder -> name map."
+            )
