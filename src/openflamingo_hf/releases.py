@@ -49,18 +49,31 @@ class OpenFlamingoRelease:
         language_model_family: `"mosaic_gpt"` (MPT-1B remote code, see `MosaicGPTForCausalLM`), `"gpt_neox"` or
             `"mpt"` (transformers' `MptForCausalLM`).
         cross_attn_every_n_layers: a gated cross-attention block before every N-th decoder layer.
-        coco_cider_4shot: published COCO captioning CIDEr, 4 shots.
-        vqav2_accuracy_4shot: published VQAv2 accuracy (%), 4 shots.
         description: one line for the model card.
+
+    Its published scores (all benchmarks and shots) live in `openflamingo_hf.eval.published`; `coco_cider_4shot` and
+    `vqav2_accuracy_4shot` read the two headline figures from there.
     """
 
     name: str
     language_model: str
     language_model_family: str
     cross_attn_every_n_layers: int
-    coco_cider_4shot: float
-    vqav2_accuracy_4shot: float
     description: str
+
+    @property
+    def coco_cider_4shot(self) -> float:
+        """Published COCO captioning CIDEr, 4 shots."""
+        from .eval.published import PUBLISHED
+
+        return PUBLISHED[self.name]["coco"][4][0]
+
+    @property
+    def vqav2_accuracy_4shot(self) -> float:
+        """Published VQAv2 accuracy (%), 4 shots."""
+        from .eval.published import PUBLISHED
+
+        return PUBLISHED[self.name]["vqav2"][4][0]
 
     @property
     def checkpoint_repo(self) -> str:
@@ -87,8 +100,6 @@ RELEASES: dict[str, OpenFlamingoRelease] = {
             language_model="anas-awadalla/mpt-1b-redpajama-200b",
             language_model_family="mosaic_gpt",
             cross_attn_every_n_layers=1,
-            coco_cider_4shot=77.3,
-            vqav2_accuracy_4shot=45.8,
             description="CLIP ViT-L/14 + MPT-1B (RedPajama, 200B tokens), cross-attention in every layer.",
         ),
         OpenFlamingoRelease(
@@ -96,8 +107,6 @@ RELEASES: dict[str, OpenFlamingoRelease] = {
             language_model="anas-awadalla/mpt-1b-redpajama-200b-dolly",
             language_model_family="mosaic_gpt",
             cross_attn_every_n_layers=1,
-            coco_cider_4shot=82.7,
-            vqav2_accuracy_4shot=45.7,
             description="CLIP ViT-L/14 + MPT-1B instruction-tuned on Dolly, cross-attention in every layer.",
         ),
         OpenFlamingoRelease(
@@ -105,8 +114,6 @@ RELEASES: dict[str, OpenFlamingoRelease] = {
             language_model="togethercomputer/RedPajama-INCITE-Base-3B-v1",
             language_model_family="gpt_neox",
             cross_attn_every_n_layers=2,
-            coco_cider_4shot=81.8,
-            vqav2_accuracy_4shot=49.0,
             description="CLIP ViT-L/14 + RedPajama-INCITE-Base-3B (GPT-NeoX), cross-attention every 2nd layer.",
         ),
         OpenFlamingoRelease(
@@ -114,8 +121,6 @@ RELEASES: dict[str, OpenFlamingoRelease] = {
             language_model="togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
             language_model_family="gpt_neox",
             cross_attn_every_n_layers=2,
-            coco_cider_4shot=85.8,
-            vqav2_accuracy_4shot=49.0,
             description="CLIP ViT-L/14 + RedPajama-INCITE-Instruct-3B (GPT-NeoX), cross-attention every 2nd layer.",
         ),
         OpenFlamingoRelease(
@@ -123,8 +128,6 @@ RELEASES: dict[str, OpenFlamingoRelease] = {
             language_model="anas-awadalla/mpt-7b",
             language_model_family="mpt",
             cross_attn_every_n_layers=4,
-            coco_cider_4shot=89.0,
-            vqav2_accuracy_4shot=54.8,
             description="CLIP ViT-L/14 + MPT-7B, cross-attention every 4th layer.",
         ),
     )

@@ -127,7 +127,8 @@ def _load_model(args: EvalArguments):
 
 def run(args: EvalArguments, datasets) -> dict:
     """Evaluates every selected benchmark; writes and returns `{benchmark: results}` (see `evaluate_benchmark`)."""
-    from ..eval.evaluate import EvalSettings, evaluate_benchmark, published_scores, results_table
+    from ..eval.evaluate import EvalSettings, evaluate_benchmark, results_table
+    from ..eval.published import published_scores
 
     if args.embedded_world:
         _use_embedded_world(args, datasets)

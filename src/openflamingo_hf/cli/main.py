@@ -424,7 +424,11 @@ def release_rows() -> list[dict[str, Any]]:
 
     from ..releases import RELEASES
 
-    return [{**asdict(release), "checkpoint_repo": release.checkpoint_repo} for release in RELEASES.values()]
+    return [
+        {**asdict(release), "coco_cider_4shot": release.coco_cider_4shot,
+         "vqav2_accuracy_4shot": release.vqav2_accuracy_4shot, "checkpoint_repo": release.checkpoint_repo}
+        for release in RELEASES.values()
+    ]
 
 
 def format_release_table(rows: list[dict[str, Any]]) -> str:

@@ -269,16 +269,5 @@ def results_table(results: dict[str, list[dict]], published: dict[tuple[str, int
     return "\n".join(lines)
 
 
-def published_scores(release_name: str) -> dict[tuple[str, int], float]:
-    """The published figures of a release that this package holds as data (`releases.py`): 4-shot COCO CIDEr and
-    4-shot VQAv2 accuracy."""
-    from ..releases import RELEASES
-
-    if release_name not in RELEASES:
-        raise ValueError(f"Unknown release {release_name!r}; choose one of {', '.join(RELEASES)}.")
-    release = RELEASES[release_name]
-    return {("coco", 4): release.coco_cider_4shot, ("vqav2", 4): release.vqav2_accuracy_4shot}
-
-
 __all__ = ["BENCHMARKS", "Benchmark", "BenchmarkData", "EvalSettings", "build_prompt", "evaluate_benchmark",
-           "published_scores", "results_table", "run_trial", "score"]
+           "results_table", "run_trial", "score"]
