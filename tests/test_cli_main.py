@@ -273,6 +273,7 @@ def test_releases_json(capsys):
         ("convert", "Convert an original OpenFlamingo checkpoint"),
         ("export", "Load an OpenFlamingo model and its processor, write a Hub folder"),
         ("train", "--model_name_or_path"),
+        ("eval", "--embedded_world"),
     ],
 )
 def test_passthrough_help(name, text, capsys):
