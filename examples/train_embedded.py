@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
@@ -35,7 +33,7 @@ from transformers import (
 )
 
 from openflamingo_hf.embedded import evaluate_embedded
-from openflamingo_hf.embedded.world import IMAGE_SIZE, make_examples, text_corpus, write_world_shards
+from openflamingo_hf.embedded.world import make_examples, text_corpus, write_world_shards
 
 EOS = "<|endoftext|>"
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=64,

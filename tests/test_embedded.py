@@ -1,6 +1,5 @@
 """The procedural world and the shipped embedded OpenFlamingo (trained by examples/train_embedded.py)."""
 
-import io
 
 import numpy as np
 import pytest

@@ -65,7 +65,8 @@ def _dataset_arguments_class():
         fields.append((f"eval_{name}", bool, field(default=False, metadata={"help": f"Evaluate on {title}."})))
         fields.extend((flag.name, str | None, field(default=None, metadata={"help": flag.help})) for flag in flags)
         fields.append((f"{name}_dataset", str | None, field(default=None, metadata={
-            "help": f"{title} as a datasets folder or Hub dataset repo with train and test splits, instead of files."})))
+            "help": f"{title} as a datasets folder or Hub dataset repo with train and test splits, instead of "
+                    "files."})))
     return dataclasses.make_dataclass("DatasetArguments", fields)
 
 
@@ -143,8 +144,8 @@ def run(args: EvalArguments, datasets) -> dict:
         if args.rices:
             from ..eval.demonstrations import RICES
 
-            rices = RICES(loaded[name].train, args.rices_vision_encoder_path, cache_dir=args.cached_demonstration_features,
-                          device=model.device)
+            rices = RICES(loaded[name].train, args.rices_vision_encoder_path,
+                          cache_dir=args.cached_demonstration_features, device=model.device)
         settings = EvalSettings(shots=tuple(args.shots), trial_seeds=tuple(args.trial_seeds[: args.num_trials]),
                                 num_samples=args.num_samples, query_set_size=args.query_set_size,
                                 batch_size=args.batch_size, num_beams=args.num_beams, rices=rices,

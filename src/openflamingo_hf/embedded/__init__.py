@@ -60,8 +60,6 @@ def sample_image_paths() -> list[str]:
     return sorted(os.path.join(SAMPLES_DIR, name) for name in os.listdir(SAMPLES_DIR) if name.endswith(".png"))
 
 
-
-
 def sample_examples() -> list[Example]:
     """The bundled samples as world examples (the same images, with their captions, questions and answers)."""
     return make_examples(len(sample_image_paths()), SAMPLE_SEED)
@@ -119,7 +117,9 @@ def follows_format(text: str, format_name: str) -> bool:
     return bool(FORMAT_PATTERNS[format_name].match(text.strip()))
 
 
-def evaluate_embedded(model_dir: str | None = None, seed: int = HELD_OUT_SEED_START + 12345, num_examples: int = 60, shots: int = 4) -> dict:
+def evaluate_embedded(
+    model_dir: str | None = None, seed: int = HELD_OUT_SEED_START + 12345, num_examples: int = 60, shots: int = 4
+) -> dict:
     """
     Held-out scores (examples drawn with `seed`, never used in training): exact captions, short VQA answers, and
     tag-format following with `shots` demonstrations against none (in-context learning).

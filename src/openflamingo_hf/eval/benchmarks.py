@@ -109,8 +109,9 @@ def load_karpathy_captions(json_path: str | os.PathLike, train_image_dir: str | 
     `{"images": [{"filename", "split", "sentences": [{"raw": ...}, ...], "cocoid" (COCO), "filepath" (COCO)}]}`.
 
     `split="train"` keeps the records marked "train" (as the original's CaptionDataset; "restval" is not used),
-    `split="test"` the "test" records. COCO images lie in `train_image_dir` when `filepath` is "train2014", else in `val_image_dir`;
-    Flickr images in `train_image_dir/filename`. `id` is the cocoid (COCO) or the file name's stem (Flickr).
+    `split="test"` the "test" records. COCO images lie in `train_image_dir` when `filepath` is "train2014", else in
+    `val_image_dir`; Flickr images in `train_image_dir/filename`. `id` is the cocoid (COCO) or the file name's stem
+    (Flickr).
     """
     if dataset not in ("coco", "flickr"):
         raise ValueError(f"dataset must be 'coco' or 'flickr', got {dataset!r}")

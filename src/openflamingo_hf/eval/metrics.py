@@ -402,4 +402,4 @@ def compute_accuracy(predictions: list[str], labels: list[str]) -> float:
         raise ValueError(f"compute_accuracy got {len(predictions)} predictions but {len(labels)} labels")
     if not predictions:
         raise ValueError("compute_accuracy got no examples")
-    return 100.0 * sum(1 for p, l in zip(predictions, labels) if p == l) / len(predictions)
+    return 100.0 * sum(1 for prediction, label in zip(predictions, labels) if prediction == label) / len(predictions)
