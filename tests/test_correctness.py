@@ -391,3 +391,23 @@ def test_truncated_safetensors_file_is_named(tmp_path):
     shards[-1].write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=rf"Cannot read {shards[-1]} .*truncated"):
         AutoModelForImageTextToText.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_generate_decodes_from_the_cache_even_when_the_lm_config_says_not_to(family):
+    """MptConfig defaults to use_cache=False (the 9B release's LM): generate must still decode from the cache, with
+    the tokens of a full recomputation at every step."""
+    model, processor = build_tiny_model_and_processor(family)
+    assert family != "mpt" or model.config.text_config.use_cache is False  # the LM's own default
+    model = _set_gates(model.eval())
+    assert model.generation_config.use_cache is True
+    inputs = processor(images=[[make_image(0)]], text=["<image>Output: a"], return_tensors="pt")
+    lengths = []
+    hook = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    hook.remove()
+    assert lengths[1:] == [1] * (len(lengths) - 1)  # after the prefill, one new token per step
+    full = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, use_cache=False)
+    assert torch.equal(cached, full)

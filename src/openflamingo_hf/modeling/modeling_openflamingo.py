@@ -397,10 +397,10 @@ def openflamingo_generation_config(
     config: OpenFlamingoConfig, generation_config: GenerationConfig | None = None
 ) -> GenerationConfig:
     """
-    OpenFlamingo's generation settings: stop at `<|endofchunk|>` (`config.eoc_token_id`, the end of an answer) and pad
-    with the language model's pad token. The one place that sets them: the model applies it to the generation config
-    it derives from its config (at construction and when a folder has no `generation_config.json`), and the
-    converter and the Hub export save what the model then holds.
+    OpenFlamingo's generation settings: stop at `<|endofchunk|>` (`config.eoc_token_id`, the end of an answer), pad
+    with the language model's pad token, and decode from the cache. The one place that sets them: the model applies
+    it to the generation config it derives from its config (at construction and when a folder has no
+    `generation_config.json`), and the converter and the Hub export save what the model then holds.
 
     Args:
         config: the model config; ids that are `None` are left as they are.
@@ -417,6 +417,10 @@ def openflamingo_generation_config(
         generation_config.eos_token_id = config.eoc_token_id
     if getattr(text_config, "pad_token_id", None) is not None:
         generation_config.pad_token_id = text_config.pad_token_id
+    # Decode from the cache (and the gated blocks' image keys/values computed once): some LM configs default to
+    # `use_cache=False` (transformers' MptConfig, hence the 9B release), which would recompute the whole sequence at
+    # every step.
+    generation_config.use_cache = True
     # No longer "derived from the model config" (a marker saved into generation_config.json): loading such a file
     # would apply these settings again, over the user's.
     generation_config._from_model_config = None
