@@ -104,11 +104,15 @@ class OpenFlamingoPerceiverAttention(nn.Module):
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, media: torch.Tensor, latents: torch.Tensor, media_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             media: (batch * num_images, num_frames * num_patches, dim)
             latents: (batch * num_images, num_latents, dim)
+            media_mask: (batch * num_images, num_frames * num_patches) bool, False for tokens of padding frames,
+                which are then never attended (the latents always are, so no row is empty).
         Returns:
             (batch * num_images, num_latents, dim)
         """
@@ -116,7 +120,11 @@ class OpenFlamingoPerceiverAttention(nn.Module):
         latents = self.norm_latents(latents)
         q = self._split_heads(self.to_q(latents))
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(q, self._split_heads(k), self._split_heads(v))
+        attn_mask = None
+        if media_mask is not None:
+            visible = torch.cat([media_mask, media_mask.new_ones(latents.shape[:2])], dim=1)
+            attn_mask = visible[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, self._split_heads(k), self._split_heads(v), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -126,8 +134,10 @@ class OpenFlamingoPerceiverLayer(nn.Module):
         self.attn = OpenFlamingoPerceiverAttention(dim, num_heads, head_dim)
         self.ff = OpenFlamingoFeedForward(dim, ff_mult)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        latents = self.attn(media, latents) + latents
+    def forward(
+        self, media: torch.Tensor, latents: torch.Tensor, media_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        latents = self.attn(media, latents, media_mask) + latents
         return self.ff(latents) + latents
 
 
@@ -157,23 +167,33 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             features: (batch, num_images, num_frames, num_patches, dim) patch features of the vision tower.
+            frame_mask: (batch, num_images, num_frames) bool, False for padding frames (media with fewer frames than
+                the batch's longest): their patches are never attended, so they change nothing.
         Returns:
             (batch, num_images, num_latents, dim)
         """
         batch_size, num_images, num_frames, num_patches, dim = features.shape
         if self.frame_embs is not None:
+            if num_frames > self.frame_embs.shape[0]:
+                raise ValueError(
+                    f"Got media of {num_frames} frames but the Perceiver has frame embeddings for at most "
+                    f"{self.frame_embs.shape[0]} (config.perceiver_max_num_frames): sample fewer frames."
+                )
             features = features + self.frame_embs[:num_frames, None, :]
         features = features.reshape(batch_size, num_images, num_frames * num_patches, dim)
         if self.media_time_embs is not None:
             features = features + self.media_time_embs[:num_images]
         media = features.flatten(0, 1)
+        media_mask = None
+        if frame_mask is not None:
+            media_mask = frame_mask[..., None].expand(-1, -1, -1, num_patches).reshape(media.shape[:2])
         latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
         for layer in self.layers:
-            latents = layer(media, latents)
+            latents = layer(media, latents, media_mask)
         return self.norm(latents).unflatten(0, (batch_size, num_images))
 
 
@@ -651,6 +671,18 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         return pixel_values
 
+    @staticmethod
+    def _check_frame_mask(frame_mask: torch.Tensor | None, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        if frame_mask is None:
+            return None
+        _check_is_tensor("frame_mask", frame_mask)
+        if tuple(frame_mask.shape) != tuple(pixel_values.shape[:3]):
+            raise ValueError(
+                f"frame_mask must have shape (batch, num_images, num_frames) = {tuple(pixel_values.shape[:3])}, the "
+                f"first axes of pixel_values; got {tuple(frame_mask.shape)}."
+            )
+        return frame_mask.to(device=pixel_values.device, dtype=torch.bool)
+
     def _check_image_features(self, image_features: torch.Tensor, batch_size: int) -> None:
         _check_is_tensor("image_features", image_features)
         expected = f"(batch={batch_size}, num_images, num_latents, {self.config.vision_hidden_size})"
@@ -736,16 +768,19 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(message + " Shorten the prompt (fewer demonstrations) or lower max_new_tokens.")
         logger.warning_once(message + " Its outputs beyond that are unreliable.")
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Vision tower (last-layer patch tokens, without the final post-layernorm, CLS dropped) and Perceiver.
 
         Args:
             pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
+            frame_mask: (batch, num_images, num_frames) bool, False for padding frames (the processor's
+                `frame_mask` for batches that mix videos of different lengths and images); default: all frames real.
         Returns:
             (batch, num_images, num_latents, vision_dim)
         """
         pixel_values = self._check_pixel_values(pixel_values)
+        frame_mask = self._check_frame_mask(frame_mask, pixel_values)
         batch_size, num_images, num_frames = pixel_values.shape[:3]
         flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
         # A frozen tower keeps no activations for backward.
@@ -755,7 +790,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         features = features.unflatten(0, (batch_size, num_images, num_frames))
-        return self.perceiver(features.to(self.perceiver.latents.dtype))
+        return self.perceiver(features.to(self.perceiver.latents.dtype), frame_mask)
 
     def get_media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """
@@ -881,6 +916,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         media_index: torch.LongTensor | None = None,
         media_cache: OpenFlamingoMediaCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> OpenFlamingoCausalLMOutputWithPast:
         r"""
@@ -898,12 +934,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 a `cache`.
             media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
                 recomputing them from images.
+            frame_mask: (batch, num_images, num_frames) bool with `pixel_values`: False for padding frames.
         """
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both.")
+        if frame_mask is not None and pixel_values is None:
+            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
         has_images = pixel_values is not None or image_features is not None or media_cache is not None
         past_length = cache.get_seq_length() if cache is not None else 0
         continuing = past_length > 0
@@ -931,7 +970,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_hidden_states = None
         if media_cache is None and (pixel_values is not None or image_features is not None):
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)
+                image_features = self.get_image_features(pixel_values, frame_mask)
             image_hidden_states = image_features
             self._check_image_features(image_features, (input_ids if input_ids is not None else inputs_embeds).shape[0])
             if image_mask is None and input_ids is None:
@@ -990,10 +1029,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         """
-        `GenerationMixin.generate` (greedy, sampling, beam search, ...) with images.
+        `GenerationMixin.generate` (greedy, sampling, beam search, ...) with images (and videos: `frame_mask`
+        marks the padding frames of `pixel_values`, as in `forward`).
 
         Images are encoded once, before beams/`num_return_sequences` copy the batch, and each gated block's
         keys/values are computed once at prefill; every later step only reads them. Stops at `<|endofchunk|>` when
@@ -1009,8 +1050,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if self.config.media_token_id is None:
                 raise ValueError(_NO_MEDIA_TOKEN_ID)
             self._check_text_inputs(input_ids, None, kwargs.get("attention_mask"), None, 0)
+        if frame_mask is not None and pixel_values is None:
+            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, frame_mask)
         if image_features is not None:
             self._check_image_features(image_features, input_ids.shape[0])
             kwargs["image_features"] = image_features
