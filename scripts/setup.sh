@@ -15,4 +15,4 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
         "$VPY" -m pip install -q "torch>=2.4"
     fi
 fi
-"$VPY" -m pip install -q -e ".[dev,train,eval]"
+"$VPY" -m pip install -q -e ".[dev,train,eval,video]"

@@ -80,3 +80,18 @@ def test_frame_errors():
     inputs = processor(images=[make_image(0)], text=["<image>Output:"], return_tensors="pt")
     with pytest.raises(ValueError, match="pass it with pixel_values only"):
         model(input_ids=inputs["input_ids"], frame_mask=torch.ones(1, 1, 1, dtype=torch.bool))
+
+
+def test_a_batch_of_videos_of_different_lengths_equals_each_video_alone():
+    model, processor = _model(frame_embeddings=True)
+    short, long = [make_image(i) for i in range(2)], [make_image(10 + i) for i in range(3)]
+    texts = ["<video>Output: a", "<image>Output: b<|endofchunk|><video>Output: a cat"]
+    batch = processor(images=[[], [make_image(5)]], videos=[[short], [long]], text=texts, num_frames=4,
+                      return_tensors="pt")
+    assert batch["frame_mask"].shape == (2, 2, 3)
+    with torch.no_grad():
+        together = model(**batch).logits
+        for row, (images, video, text) in enumerate(zip([[], [make_image(5)]], [short, long], texts)):
+            alone = processor(images=[images], videos=[[video]], text=[text], num_frames=4, return_tensors="pt")
+            logits = model(**alone).logits[0]
+            torch.testing.assert_close(together[row, -logits.shape[0]:], logits, atol=1e-5, rtol=1e-5)

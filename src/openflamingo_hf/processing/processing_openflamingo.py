@@ -50,6 +50,9 @@ logger = logging.get_logger(__name__)
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_EOC_TOKEN = "<|endofchunk|>"
 DEFAULT_PAD_TOKEN = "<PAD>"
+# Where a video goes in a prompt. Text-level only: the processor turns it into the `<image>` marker (a video takes one
+# media slot, with its frames), so the model and tokenizer know a single marker.
+VIDEO_MARKER = "<video>"
 CHAT_TEMPLATE_RESOURCE = "chat_template.jinja"
 
 # The text after each image in the original's evaluation prompts (DESIGN §6), by task: `{answer}` is the caption,
@@ -158,6 +161,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         image_token: str = DEFAULT_IMAGE_TOKEN,
         eoc_token: str = DEFAULT_EOC_TOKEN,
         pad_token: str = DEFAULT_PAD_TOKEN,
+        num_frames: int | None = None,
         **kwargs,
     ):
         if tokenizer is None:
@@ -173,6 +177,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         self.image_token = image_token
         self.eoc_token = eoc_token
         self.pad_token = pad_token
+        self.num_frames = num_frames
         self._ensure_special_tokens(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.eoc_token_id = tokenizer.convert_tokens_to_ids(eoc_token)
@@ -198,11 +203,14 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     "before building the processor."
                 )
 
-    def _count_markers(self, text: str) -> int:
-        """Number of `<image>` markers in `text`."""
+    def _count_markers(self, text: str, marker: str | None = None) -> int:
+        """Number of `<image>` markers (or of `marker`, e.g. `<video>`) in `text`."""
+        return len(self._marker_pattern(marker).findall(text))
+
+    def _marker_pattern(self, marker: str | None = None) -> re.Pattern:
         # Occurrences that `apply_chat_template(..., sanitize_control_tokens=True)` wrapped in control markers are
-        # user-written text, encoded as plain text: they are not image markers.
-        return len(re.findall(f"(?<!{_CONTROL_TOKEN_START}){re.escape(self.image_token)}", text))
+        # user-written text, encoded as plain text: they are not markers.
+        return re.compile(f"(?<!{_CONTROL_TOKEN_START}){re.escape(marker or self.image_token)}")
 
     # ------------------------------------------------------------------------------------------------------------
     # The OpenFlamingo protocol: prompt shapes and which tokens carry loss. Training, evaluation, the CLI and the
@@ -433,22 +441,29 @@ class OpenFlamingoProcessor(ProcessorMixin):
         of `batch_size` lists of loaded images (`None` when there is no image at all). Applies the no-marker and
         image-only rules and reads image paths.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("OpenFlamingoProcessor handles images and text only; got `videos` or `audio`.")
-        if images is None and text is None:
-            raise ValueError("OpenFlamingoProcessor needs `images`, `text`, or both.")
+        if audio is not None:
+            raise ValueError("OpenFlamingoProcessor handles images, videos and text; got `audio`.")
+        if images is None and text is None and videos is None:
+            raise ValueError("OpenFlamingoProcessor needs `images`, `videos`, `text`, or a combination.")
 
         texts = None if text is None else self._as_text_list(text)
         rows = None if images is None else self._split_images(images, texts)
+        video_rows = None if videos is None else self._split_videos(videos, texts)
 
         if texts is None:
-            # Image-only call: the zero-shot caption prompt, one marker per image.
-            texts = [self.image_token * len(row) for row in rows]
-        elif rows is not None:
-            for idx, (sample, row) in enumerate(zip(texts, rows)):
-                if row and self._count_markers(sample) == 0:
-                    # Images but no markers: the images come first, as in captioning.
-                    texts[idx] = self.image_token * len(row) + sample
+            # Media-only call: the zero-shot caption prompt, one marker per image (and video).
+            batch_size = len(rows if rows is not None else video_rows)
+            texts = [
+                self.image_token * (len(rows[i]) if rows else 0) + VIDEO_MARKER * (len(video_rows[i]) if video_rows else 0)
+                for i in range(batch_size)
+            ]
+        else:
+            for idx, sample in enumerate(texts):
+                # Media but no markers: they come first, as in captioning.
+                if video_rows is not None and video_rows[idx] and self._count_markers(sample, VIDEO_MARKER) == 0:
+                    texts[idx] = sample = VIDEO_MARKER * len(video_rows[idx]) + sample
+                if rows is not None and rows[idx] and self._count_markers(sample) == 0:
+                    texts[idx] = self.image_token * len(rows[idx]) + sample
 
         if rows is not None:
             channel_format = _requested_channel_format(kwargs)
@@ -456,8 +471,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 [self._load_image(image, sample_idx, image_idx, channel_format) for image_idx, image in enumerate(row)]
                 for sample_idx, row in enumerate(rows)
             ]
-            if not any(rows):
-                rows = None
+        if video_rows is not None or any(self._count_markers(sample, VIDEO_MARKER) for sample in texts):
+            rows, texts = self._interleave_videos(rows, video_rows, texts, _requested_num_frames(kwargs, self))
+        if rows is not None and not any(rows):
+            rows = None
         return rows, texts, None, None
 
     @staticmethod
@@ -536,14 +553,20 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return rows
 
     def _load_image(
-        self, image: Any, sample_idx: int, image_idx: int, channel_format: ChannelDimension | None = None
+        self,
+        image: Any,
+        sample_idx: int,
+        image_idx: int,
+        channel_format: ChannelDimension | None = None,
+        where: str | None = None,
     ) -> PIL.Image.Image:
         """
         Turns one input image into a PIL image that the image processor preprocesses correctly (see *Images* in
         `__call__`): reads a path / URL / base64 string, scales 16-bit and float pixels to 8 bits, lays arrays out
-        as `(H, W, C)`, and refuses what is not a valid image with a message that names it.
+        as `(H, W, C)`, and refuses what is not a valid image with a message that names it (`where`, default
+        "Sample i, image j").
         """
-        where = f"Sample {sample_idx}, image {image_idx}"
+        where = where or f"Sample {sample_idx}, image {image_idx}"
         if isinstance(image, os.PathLike):
             image = os.fspath(image)
         if isinstance(image, str):
@@ -557,6 +580,108 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if isinstance(image, PIL.Image.Image):
             return _normalize_pil_image(image, where)
         return _array_to_pil_image(image, where, channel_format)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Videos: each one fills one media slot (its `<video>` marker becomes `<image>`) with its sampled frames
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_video(item: Any) -> bool:
+        """A video: a file path, a `(T, H, W, C)` / `(T, C, H, W)` array or tensor, or a list of frames."""
+        if isinstance(item, (str, os.PathLike)):
+            return True
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            return item.ndim == 4
+        return (
+            isinstance(item, (list, tuple))
+            and len(item) > 0
+            and all(isinstance(f, PIL.Image.Image) or (isinstance(f, (np.ndarray, torch.Tensor)) and f.ndim in (2, 3))
+                    for f in item)
+        )
+
+    def _split_videos(self, videos: Any, texts: list[str] | None) -> list[list[Any]]:
+        """One list of videos per sample: a video, a list of one sample's videos, or a list of lists."""
+        if self._is_video(videos):
+            return [[videos]]
+        if not isinstance(videos, (list, tuple)):
+            raise TypeError(
+                f"`videos` must be a video (a file path, a (T, H, W, C) array / tensor or a list of frames), a list of "
+                f"videos, or a list of lists of videos (one list per text); got {type(videos).__name__}."
+            )
+        if all(self._is_video(item) for item in videos):
+            if texts is None or len(texts) == 1:
+                return [list(videos)]
+            counts = [self._count_markers(sample, VIDEO_MARKER) for sample in texts]
+            if sum(counts) != len(videos):
+                raise ValueError(
+                    f"The texts have {sum(counts)} `{VIDEO_MARKER}` markers in total ({counts} per sample) but "
+                    f"{len(videos)} videos were given. Pass as many videos as markers, or a list of lists (one list "
+                    "per text)."
+                )
+            starts = np.cumsum([0, *counts])
+            return [list(videos[starts[i] : starts[i + 1]]) for i in range(len(texts))]
+        rows = []
+        for sample_idx, row in enumerate(videos):
+            row = [] if row is None else ([row] if self._is_video(row) else row)
+            if not isinstance(row, (list, tuple)) or not all(self._is_video(item) for item in row):
+                raise TypeError(
+                    f"Sample {sample_idx}: `videos` entries must be videos (a file path, a (T, H, W, C) array / tensor "
+                    "or a list of frames) or lists of them."
+                )
+            rows.append(list(row))
+        if texts is not None and len(rows) != len(texts):
+            raise ValueError(f"Got {len(rows)} lists of videos for {len(texts)} texts: pass one list per text.")
+        return rows
+
+    def _interleave_videos(
+        self, rows: list[list[Any]] | None, video_rows: list[list[Any]] | None, texts: list[str], num_frames: int | None
+    ) -> tuple[list[list[Any]], list[str]]:
+        """Each sample's media in text order (images as they are, videos as `_VideoFrames`), `<video>` -> `<image>`."""
+        media_rows, new_texts = [], []
+        either = re.compile(f"{self._marker_pattern().pattern}|{self._marker_pattern(VIDEO_MARKER).pattern}")
+        for sample_idx, sample in enumerate(texts):
+            images = list(rows[sample_idx]) if rows is not None else []
+            videos = list(video_rows[sample_idx]) if video_rows is not None else []
+            num_video_markers = self._count_markers(sample, VIDEO_MARKER)
+            if num_video_markers != len(videos):
+                raise ValueError(
+                    f"Sample {sample_idx} has {_plural(num_video_markers, f'`{VIDEO_MARKER}` marker')} in its text but "
+                    f"{_plural(len(videos), 'video')}. Each video needs exactly one marker where it goes."
+                )
+            media, video_idx = [], 0
+            for match in either.finditer(sample):
+                if match.group(0) == VIDEO_MARKER:
+                    media.append(self._load_video(videos[video_idx], sample_idx, video_idx, num_frames))
+                    video_idx += 1
+                elif images:
+                    media.append(images.pop(0))
+                else:  # too few images: counted and explained by validate_inputs
+                    break
+            media_rows.append(media + images)
+            new_texts.append(self._marker_pattern(VIDEO_MARKER).sub(self.image_token, sample))
+        return media_rows, new_texts
+
+    def _load_video(self, video: Any, sample_idx: int, video_idx: int, num_frames: int | None) -> _VideoFrames:
+        """The frames of one video, sampled uniformly to `num_frames` (all of them when it has no more)."""
+        where = f"Sample {sample_idx}, video {video_idx}"
+        if num_frames is None:
+            raise ValueError(
+                f"{where}: the processor does not know how many frames to take from a video (processor.num_frames "
+                "is None: the model has no frame embeddings). Pass num_frames=N: the model's "
+                "config.perceiver_max_num_frames, or, for a model without frame embeddings, the N frames to flatten "
+                "into one media slot as the released models would."
+            )
+        if isinstance(video, (str, os.PathLike)):
+            frames = _read_video_file(os.fspath(video), num_frames, where)
+        else:
+            frames = video
+            if len(frames) == 0:
+                raise ValueError(f"{where} has no frames.")
+            frames = [frames[int(i)] for i in uniform_frame_indices(len(frames), num_frames)]
+        return _VideoFrames(
+            self._load_image(frame, sample_idx, video_idx, where=f"{where}, frame {frame_idx}")
+            for frame_idx, frame in enumerate(frames)
+        )
 
     def validate_inputs(
         self,
@@ -585,7 +710,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
         Returns `({"pixel_values": ...}, [])`: no marker replacement, OpenFlamingo keeps one marker per image.
         """
         return_tensors = kwargs.pop("return_tensors", None)
-        flat = [image for row in images for image in row]
+        kwargs.pop("num_frames", None)  # used when the videos were read
+        frames = [list(item) if isinstance(item, _VideoFrames) else [item] for row in images for item in row]
+        flat = [frame for item in frames for frame in item]
         # Always ask for a stacked torch tensor: the image processor returns a list otherwise.
         processed = self.image_processor(flat, return_tensors="pt", **kwargs)["pixel_values"]
         if not isinstance(processed, torch.Tensor) or processed.ndim != 4:
@@ -595,14 +722,22 @@ class OpenFlamingoProcessor(ProcessorMixin):
             )
 
         max_images = max(len(row) for row in images)
-        pixel_values = processed.new_zeros((len(images), max_images, 1, *processed.shape[1:]))
-        start = 0
+        max_frames = max(len(item) for item in frames)
+        pixel_values = processed.new_zeros((len(images), max_images, max_frames, *processed.shape[1:]))
+        frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
+        start, item_idx = 0, 0
         for sample_idx, row in enumerate(images):
-            pixel_values[sample_idx, : len(row), 0] = processed[start : start + len(row)]
-            start += len(row)
+            for media_idx in range(len(row)):
+                count = len(frames[item_idx])
+                pixel_values[sample_idx, media_idx, :count] = processed[start : start + count]
+                frame_mask[sample_idx, media_idx, :count] = True
+                start, item_idx = start + count, item_idx + 1
+        outputs = {"pixel_values": pixel_values}
+        if max_frames > 1:  # videos: which frames are real (shorter media are padded with zero frames)
+            outputs["frame_mask"] = frame_mask
         if return_tensors != "pt":
-            pixel_values = pixel_values.numpy()
-        return {"pixel_values": pixel_values}, []
+            outputs = {key: value.numpy() for key, value in outputs.items()}
+        return outputs, []
 
     def _check_special_mm_tokens(self, text: list[str], text_inputs: BatchFeature, modalities: list[str]) -> None:
         """Raises if tokenization (i.e. truncation) lost an `<image>` marker, naming the sample."""
@@ -725,6 +860,51 @@ class OpenFlamingoProcessor(ProcessorMixin):
 # ----------------------------------------------------------------------------------------------------------------
 
 # Channel counts of an image array: gray, RGB, RGBA (as in transformers' `infer_channel_dimension_format` calls).
+class _VideoFrames(list):
+    """The loaded frames of one video: one media slot of several frames (a plain list is not a media item)."""
+
+
+def uniform_frame_indices(total_num_frames: int, num_frames: int) -> np.ndarray:
+    """
+    Which frames of a `total_num_frames`-frame video to keep: transformers' uniform sampling
+    (`video_utils.default_sample_indices_fn`: `arange(num_frames) * total // num_frames`), or every frame when the
+    video has no more than `num_frames`.
+    """
+    if total_num_frames <= num_frames:
+        return np.arange(total_num_frames)
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    return default_sample_indices_fn(VideoMetadata(total_num_frames=total_num_frames), num_frames=num_frames)
+
+
+def _read_video_file(path: str, num_frames: int, where: str) -> np.ndarray:
+    """(T, H, W, C) uint8 frames of a video file, uniformly sampled, read by transformers' `load_video` (PyAV)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{where}: no such video file: {path}.")
+    from transformers.video_utils import load_video
+
+    try:
+        frames, _ = load_video(
+            path, backend="pyav",
+            sample_indices_fn=lambda metadata, **_: uniform_frame_indices(metadata.total_num_frames, num_frames),
+        )
+    except ImportError as error:
+        raise ImportError(f"{where}: reading video files needs PyAV: `pip install av` ({error}).") from error
+    except Exception as error:  # noqa: BLE001 (PyAV raises its own error types for unreadable files)
+        raise ValueError(f"{where}: cannot read video file {path} ({type(error).__name__}: {error}).") from error
+    if len(frames) == 0:
+        raise ValueError(f"{where}: video file {path} has no frames.")
+    return frames
+
+
+def _requested_num_frames(kwargs: dict[str, Any], processor: OpenFlamingoProcessor) -> int | None:
+    """Frames per video: a `num_frames=` of the call (top level or `videos_kwargs`), else `processor.num_frames`."""
+    value = kwargs.get("num_frames", kwargs.get("videos_kwargs", {}).get("num_frames", processor.num_frames))
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"num_frames must be a positive integer, got {value!r}.")
+    return value
+
+
 _CHANNEL_COUNTS = (1, 3, 4)
 # 16-bit PIL modes. They, and the 32-bit modes `I` and `F`, are clipped (not scaled) by `Image.convert("RGB")`.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
