@@ -317,3 +317,35 @@ def test_module_entry_point_and_light_import():
     )
     assert completed.returncode == 0, completed.stderr
     assert len(json.loads(completed.stdout)) == 5
+
+
+def test_generate_with_videos(tiny, capsys):
+    pytest.importorskip("av")
+    from openflamingo_hf.embedded.world import make_clips, write_clip_file
+
+    clips = [write_clip_file(clip, str(tiny.root / f"clip{i}.avi")) for i, clip in enumerate(make_clips(2, 3))]
+    # Each video captioned alone (the zero-shot prompt `<video>`), one line per file.
+    out, _ = run_cli(["generate", "--model", tiny.dir, "--video", clips[0], "--video", clips[1], "--num_frames", "3",
+                      "--max_new_tokens", "4", "-q"], capsys)
+    expected = []
+    for path in clips:
+        inputs = tiny.processor(videos=[path], text="<video>", num_frames=3, return_tensors="pt")
+        with torch.no_grad():
+            output = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected.append(f"{path}: {tiny.processor.post_process_generation(output, inputs['input_ids'])[0].strip()}")
+    assert out.splitlines() == expected
+    # A prompt placing an image and a video.
+    prompt = "<image>Output:a<|endofchunk|><video>Output:"
+    out, _ = run_cli(["generate", "--model", tiny.dir, "--image", tiny.images[0], "--video", clips[0], "--prompt",
+                      prompt, "--num_frames", "3", "--max_new_tokens", "4", "-q"], capsys)
+    inputs = tiny.processor(images=[[tiny.images[0]]], videos=[[clips[0]]], text=[prompt], num_frames=3,
+                            return_tensors="pt")
+    with torch.no_grad():
+        output = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.strip() == tiny.processor.post_process_generation(output, inputs["input_ids"])[0].strip()
+    # Errors: a missing file; a video without num_frames on a processor that has none; images need a prompt.
+    assert "--video nowhere.avi: no such file" in usage_error(["generate", "--model", tiny.dir, "--video", "nowhere.avi"],
+                                                              capsys)
+    assert "num_frames=N" in usage_error(["generate", "--model", tiny.dir, "--video", clips[0]], capsys)
+    assert "needs a --prompt" in usage_error(["generate", "--model", tiny.dir, "--video", clips[0], "--image", tiny.images[0],
+                                              "--num_frames", "2"], capsys)

@@ -112,9 +112,14 @@ Defaults, so that the command runs out of the box:
             - with --image, each given image is the query in turn (the last sample image replaced by it), and one
               line "IMAGE: answer" is printed per image.
 
+Videos: --video FILE (repeatable) fills the prompt's <video> markers in order (a video takes one media slot, its
+frames sampled uniformly to --num_frames, default the processor's). Without --prompt each video is captioned alone;
+without --model the shipped video variant (frame embeddings, trained on clips of moving shapes) answers.
+
 Examples:
   openflamingo generate
   openflamingo generate --image my_shapes.png
+  openflamingo generate --video clip.mp4
   openflamingo generate --model ./OpenFlamingo-3B-vitl-mpt1b-hf --image cat.jpg --image dog.jpg --image query.jpg \\
       --prompt "<image>Output:a cat.<|endofchunk|><image>Output:a dog.<|endofchunk|><image>Output:" --num_beams 3
 """
@@ -134,6 +139,18 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="An image file; repeat for several, in the order of the prompt's <image> markers. Default: the bundled "
         "sample images.",
+    )
+    inputs.add_argument(
+        "--video",
+        action="append",
+        metavar="PATH",
+        help="A video file (read with PyAV, frames sampled uniformly); repeat for several. Each fills one <video> "
+        "marker of --prompt, in order; without --prompt each video is captioned on its own. The default model is "
+        "then the shipped video variant (frame embeddings).",
+    )
+    inputs.add_argument(
+        "--num_frames", "--num-frames", type=int, metavar="N",
+        help="Frames to sample per video (default: the model's processor's num_frames).",
     )
     inputs.add_argument(
         "--prompt",
@@ -189,11 +206,15 @@ def _check_generation_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}.")
-    for path in args.image or []:
-        if not os.path.exists(path):
-            raise UsageError(f"--image {path}: no such file.")
-        if os.path.isdir(path):
-            raise UsageError(f"--image {path} is a folder; give an image file.")
+    for option, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths or []:
+            if not os.path.exists(path):
+                raise UsageError(f"{option} {path}: no such file.")
+            if os.path.isdir(path):
+                kind = "an image" if option == "--image" else "a video"
+                raise UsageError(f"{option} {path} is a folder; give {kind} file.")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise UsageError(f"--num_frames must be at least 1, got {args.num_frames}.")
 
 
 def _resolve_device(requested: str | None) -> str:
@@ -301,6 +322,20 @@ def build_generation_inputs(
     return [demonstrations + [image] for image in images], [caption_prompt] * len(images), list(images)
 
 
+def build_video_inputs(
+    images: list[str] | None, videos: list[str], prompt: str | None
+) -> tuple[list[list[str]] | None, list[str], list[str] | None, dict[str, Any]]:
+    """
+    With --video: `(images per prompt, prompts, labels, processor kwargs)`. With a prompt, one row holding the given
+    images and videos (each at its marker); without, every video captioned alone (`<video>`), labelled by its path.
+    """
+    if prompt is not None:
+        return ([list(images)] if images else None), [prompt], None, {"videos": [list(videos)]}
+    if images:
+        raise UsageError("--image with --video needs a --prompt that places them (<image> and <video> markers).")
+    return None, ["<video>"] * len(videos), list(videos), {"videos": [[video] for video in videos]}
+
+
 def _status(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -342,7 +377,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_generation_arguments(args)
     device = _resolve_device(args.device)
     default_model = args.model is None
-    source = _embedded().EMBEDDED_MODEL_DIR if default_model else args.model
+    if default_model:
+        source = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR
+    else:
+        source = args.model
     _check_model_source(str(source), default=default_model)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -360,9 +398,15 @@ def _run_generate(args: argparse.Namespace) -> int:
                 f"{option}: its processor is a {type(processor).__name__}, not an OpenFlamingoProcessor."
             )
 
-    rows, prompts, labels = build_generation_inputs(processor, args.image, args.prompt)
+    video_kwargs: dict[str, Any] = {}
+    if args.video:
+        rows, prompts, labels, video_kwargs = build_video_inputs(args.image, args.video, args.prompt)
+        if args.num_frames is not None:
+            video_kwargs["num_frames"] = args.num_frames
+    else:
+        rows, prompts, labels = build_generation_inputs(processor, args.image, args.prompt)
     try:
-        inputs = processor(images=rows, text=prompts, padding=True, return_tensors="pt")
+        inputs = processor(images=rows, text=prompts, padding=True, return_tensors="pt", **video_kwargs)
     except (ValueError, TypeError, OSError) as error:  # marker / image count, unreadable images: the message says
         raise UsageError(str(error)) from error
 
@@ -388,11 +432,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    num_images = sum(len(row) for row in rows)
+    num_images, num_videos = sum(len(row) for row in rows or []), len(args.video or [])
+    media = f"{num_images} image{'s' if num_images != 1 else ''}" + (
+        f", {num_videos} video{'s' if num_videos != 1 else ''}" if num_videos else ""
+    )
     _status(
         args,
-        f"Generating ({len(prompts)} prompt{'s' if len(prompts) > 1 else ''}, {num_images} image"
-        f"{'s' if num_images > 1 else ''}, up to {args.max_new_tokens} new tokens) ...",
+        f"Generating ({len(prompts)} prompt{'s' if len(prompts) > 1 else ''}, {media}, up to {args.max_new_tokens} "
+        "new tokens) ...",
     )
     inputs = inputs.to(device)
     with torch.inference_mode():
@@ -530,4 +577,11 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_generation_inputs", "build_parser", "format_release_table", "main", "release_rows"]
+__all__ = [
+    "build_generation_inputs",
+    "build_parser",
+    "build_video_inputs",
+    "format_release_table",
+    "main",
+    "release_rows",
+]

@@ -230,3 +230,80 @@ def write_samples(folder, n: int = 6, seed: int = SAMPLE_SEED) -> list[str]:
     with open(os.path.join(folder, "captions.txt"), "w", encoding="utf-8") as file:
         file.write("".join(f"{example.caption}\n" for example in examples))
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clips: one shape moving across the frame (the video task; only the order of the frames tells the direction)
+# ----------------------------------------------------------------------------------------------------------------------
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CLIP_FRAMES = 4
+
+
+@dataclass
+class Clip:
+    """A clip of `CLIP_FRAMES` frames in which one shape moves in one direction."""
+
+    frames: list
+    shape: str
+    color: str
+    direction: str
+    caption: str = field(init=False)
+
+    def __post_init__(self):
+        self.caption = f"one {self.color} {self.shape} moving {self.direction}."
+
+
+def draw_clip(shape: str, color: str, direction: str, rng: np.random.Generator) -> list:
+    """`CLIP_FRAMES` frames of one shape moving 16 px per frame in `direction`, on one noisy background."""
+    background = rng.integers(150, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[color])
+    r, step = int(rng.integers(10, 14)), 16
+    dx, dy = DIRECTIONS[direction]
+    span = step * (CLIP_FRAMES - 1)
+    # A start from which the whole path stays inside the image.
+    low_x, high_x = r + 1 + max(0, -dx * span), IMAGE_SIZE - r - 1 - max(0, dx * span)
+    low_y, high_y = r + 1 + max(0, -dy * span), IMAGE_SIZE - r - 1 - max(0, dy * span)
+    x0, y0 = int(rng.integers(low_x, high_x)), int(rng.integers(low_y, high_y))
+    frames = []
+    for t in range(CLIP_FRAMES):
+        image = Image.fromarray(background.copy())
+        x, y = x0 + dx * step * t, y0 + dy * step * t
+        canvas = ImageDraw.Draw(image)
+        if shape == "circle":
+            canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif shape == "square":
+            canvas.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        else:
+            canvas.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+        frames.append(image)
+    return frames
+
+
+def make_clips(n: int, seed: int = 0) -> list[Clip]:
+    """`n` random clips, reproducible from `seed`."""
+    rng = np.random.default_rng([seed, 2])
+    clips = []
+    for _ in range(n):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
+        clips.append(Clip(draw_clip(shape, color, direction, rng), shape, color, direction))
+    return clips
+
+
+def write_clip_file(clip: Clip, path: str, fps: int = 4) -> str:
+    """Writes a clip as a lossless video file (FFV1 in AVI, which records its frame count, so `load_video` can
+    sample it) with PyAV (`pip install av`)."""
+    import av
+
+    with av.open(path, "w", format="avi") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height = clip.frames[0].size
+        stream.pix_fmt = "bgr0"
+        for frame in clip.frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -20,12 +20,14 @@ class OpenFlamingoDataCollator:
 
     Each sample is a dict with `input_ids` (seq_len,), optional `attention_mask` (seq_len,) and `labels` (seq_len,)
     (-100 where no loss is wanted; computed by the data pipeline through the processor), optional `pixel_values`
-    (num_images, num_frames, 3, H, W), and optional `skipped` counts.
+    (num_images, num_frames, 3, H, W) with an optional `frame_mask` (num_images, num_frames) for videos, and
+    optional `skipped` counts.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (batch, max_len); `pixel_values` (batch, max_images, max_frames, 3,
         H, W) with zero images / frames where a sample has fewer (a row's k `<image>` tokens use its first k
-        slots); `skipped` (reason -> count) when any sample carries counts.
+        slots); `frame_mask` (batch, max_images, max_frames) when any media has several frames (False on padding
+        frames, which the model then never attends); `skipped` (reason -> count) when any sample carries counts.
 
     Args:
         pad_token_id: the tokenizer's pad id (`processor.tokenizer.pad_token_id`).
@@ -42,6 +44,8 @@ class OpenFlamingoDataCollator:
         pixel_values = self._pad_images(samples)
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
+            if pixel_values.shape[2] > 1:
+                batch["frame_mask"] = self._frame_mask(samples, pixel_values.shape[:3])
         skipped = Counter()
         for sample in samples:
             for reason, count in (sample.get(SKIPPED_KEY) or {}).items():
@@ -94,6 +98,20 @@ class OpenFlamingoDataCollator:
             if image is not None and image.numel() > 0:
                 out[row, : image.shape[0], : image.shape[1]] = image
         return out
+
+    @staticmethod
+    def _frame_mask(samples: list[dict[str, Any]], shape: torch.Size) -> torch.Tensor:
+        """True for each sample's real frames: its own `frame_mask`, or all frames of its `pixel_values`."""
+        mask = torch.zeros(shape, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            image = sample.get("pixel_values")
+            if image is None or torch.as_tensor(image).numel() == 0:
+                continue
+            own = sample.get("frame_mask")
+            own = torch.ones(torch.as_tensor(image).shape[:2], dtype=torch.bool) if own is None else own
+            own = torch.as_tensor(own, dtype=torch.bool)
+            mask[row, : own.shape[0], : own.shape[1]] = own
+        return mask
 
 
 __all__ = ["OpenFlamingoDataCollator", "SKIPPED_KEY"]
