@@ -89,7 +89,8 @@ def main() -> None:
         model=model,
         args=TrainingArguments(
             os.path.join(args.output_dir, "run"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.1, logging_steps=50,
+            learning_rate=args.learning_rate, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.1,
+            logging_steps=50,
             save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, remove_unused_columns=False,
             dataloader_num_workers=1,
         ),
