@@ -113,8 +113,8 @@ Defaults, so that the command runs out of the box:
               line "IMAGE: answer" is printed per image.
 
 Videos: --video FILE (repeatable) fills the prompt's <video> markers in order (a video takes one media slot, its
-frames sampled uniformly to --num_frames, default the processor's). Without --prompt each video is captioned alone;
-without --model the shipped video variant (frame embeddings, trained on clips of moving shapes) answers.
+frames sampled uniformly to --num_frames, default the processor's num_frames; a model without frame embeddings
+needs --num_frames, the frames it flattens into one slot). Without --prompt each video is captioned alone.
 
 Examples:
   openflamingo generate
@@ -145,8 +145,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="PATH",
         help="A video file (read with PyAV, frames sampled uniformly); repeat for several. Each fills one <video> "
-        "marker of --prompt, in order; without --prompt each video is captioned on its own. The default model is "
-        "then the shipped video variant (frame embeddings).",
+        "marker of --prompt, in order; without --prompt each video is captioned on its own.",
     )
     inputs.add_argument(
         "--num_frames", "--num-frames", type=int, metavar="N",
@@ -377,10 +376,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_generation_arguments(args)
     device = _resolve_device(args.device)
     default_model = args.model is None
-    if default_model:
-        source = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR
-    else:
-        source = args.model
+    source = _embedded().EMBEDDED_MODEL_DIR if default_model else args.model
     _check_model_source(str(source), default=default_model)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -24,8 +24,6 @@ import numpy as np
 from .world import FORMATS, HELD_OUT_SEED_START, SAMPLE_SEED, Example, make_examples, tag_text, vqa_text
 
 EMBEDDED_MODEL_DIR = str(resources.files(__package__).joinpath("model"))
-# The video variant: the same model with frame embeddings, taught the clip task (examples/train_embedded_video.py).
-EMBEDDED_VIDEO_MODEL_DIR = str(resources.files(__package__).joinpath("model_video"))
 SAMPLES_DIR = str(resources.files(__package__).joinpath("samples"))
 
 # What a tag of each format looks like, to measure in-context format following.
@@ -174,7 +172,6 @@ def _load(model_dir: str | None):
 
 __all__ = [
     "EMBEDDED_MODEL_DIR",
-    "EMBEDDED_VIDEO_MODEL_DIR",
     "Example",
     "answer",
     "caption",
