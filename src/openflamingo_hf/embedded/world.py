@@ -70,13 +70,18 @@ def draw(shape: str, color: str, count: int, rng: np.random.Generator) -> Image.
     canvas = ImageDraw.Draw(image)
     fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[color])
     for x, y, r in _places(count, rng):
-        if shape == "circle":
-            canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif shape == "square":
-            canvas.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-        else:
-            canvas.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+        _draw_shape(canvas, shape, x, y, r, fill)
     return image
+
+
+def _draw_shape(canvas: ImageDraw.ImageDraw, shape: str, x: int, y: int, r: int, fill: tuple) -> None:
+    """One circle, square or triangle of radius `r` centred at (x, y)."""
+    if shape == "circle":
+        canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        canvas.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        canvas.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
 
 
 def _places(count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -269,13 +274,7 @@ def draw_clip(shape: str, color: str, direction: str, rng: np.random.Generator) 
     for t in range(CLIP_FRAMES):
         image = Image.fromarray(background.copy())
         x, y = x0 + dx * step * t, y0 + dy * step * t
-        canvas = ImageDraw.Draw(image)
-        if shape == "circle":
-            canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif shape == "square":
-            canvas.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-        else:
-            canvas.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+        _draw_shape(ImageDraw.Draw(image), shape, x, y, r, fill)
         frames.append(image)
     return frames
 
