@@ -147,3 +147,21 @@ def test_converts_to_the_original_layout_and_back_with_identical_outputs(embedde
     with torch.no_grad():
         assert torch.equal(rebuilt(**inputs).logits, model(**inputs).logits)
     assert torch.equal(rebuilt.generate(**inputs, max_new_tokens=12), model.generate(**inputs, max_new_tokens=12))
+
+
+def test_clips_move_their_shape_in_the_captioned_direction():
+    from openflamingo_hf.embedded.world import COLORS, DIRECTIONS, make_clips
+
+    clips = make_clips(12, seed=3)
+    assert {c.direction for c in clips} <= set(DIRECTIONS) and len({c.direction for c in clips}) > 1
+    for clip in clips:
+        assert clip.caption == f"one {clip.color} {clip.shape} moving {clip.direction}."
+        target = np.array(COLORS[clip.color])
+        centres = []
+        for frame in clip.frames:  # the shape's pixels: within 25 of its colour on every channel
+            ys, xs = np.nonzero((np.abs(np.asarray(frame).astype(int) - target) <= 25).all(axis=-1))
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = np.subtract(centres[-1], centres[0])
+        assert np.sign(np.round([dx / 10, dy / 10])).tolist() == list(DIRECTIONS[clip.direction]), (clip.caption, dx, dy)
+    again = make_clips(12, seed=3)
+    assert all(np.array_equal(np.asarray(a.frames[2]), np.asarray(b.frames[2])) for a, b in zip(clips, again))
