@@ -162,6 +162,7 @@ def test_clips_move_their_shape_in_the_captioned_direction():
             ys, xs = np.nonzero((np.abs(np.asarray(frame).astype(int) - target) <= 25).all(axis=-1))
             centres.append((xs.mean(), ys.mean()))
         dx, dy = np.subtract(centres[-1], centres[0])
-        assert np.sign(np.round([dx / 10, dy / 10])).tolist() == list(DIRECTIONS[clip.direction]), (clip.caption, dx, dy)
+        moved = np.sign(np.round([dx / 10, dy / 10])).tolist()
+        assert moved == list(DIRECTIONS[clip.direction]), (clip.caption, dx, dy)
     again = make_clips(12, seed=3)
     assert all(np.array_equal(np.asarray(a.frames[2]), np.asarray(b.frames[2])) for a, b in zip(clips, again))
