@@ -117,3 +117,12 @@ def test_chat_template_places_videos(processor):
                 {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Output:"}]}]
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt == "<image>Output:ab<|endofchunk|><video>Output:"
+
+
+def test_input_data_format_applies_to_video_frames(processor):
+    rng = np.random.default_rng(0)
+    chw = rng.integers(0, 256, size=(2, 3, 4, 4), dtype=np.uint8)  # tiny frames: the layout rule alone would say HWC
+    got = processor(videos=[chw], text="<video>", num_frames=2, input_data_format="channels_first",
+                    return_tensors="pt")["pixel_values"][0, 0]
+    expected = _pixels(processor, [Image.fromarray(frame.transpose(1, 2, 0)) for frame in chw])
+    torch.testing.assert_close(got, expected)

@@ -454,7 +454,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
             # Media-only call: the zero-shot caption prompt, one marker per image (and video).
             batch_size = len(rows if rows is not None else video_rows)
             texts = [
-                self.image_token * (len(rows[i]) if rows else 0) + VIDEO_MARKER * (len(video_rows[i]) if video_rows else 0)
+                self.image_token * (len(rows[i]) if rows else 0)
+                + VIDEO_MARKER * (len(video_rows[i]) if video_rows else 0)
                 for i in range(batch_size)
             ]
         else:
@@ -465,14 +466,16 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 if rows is not None and rows[idx] and self._count_markers(sample) == 0:
                     texts[idx] = self.image_token * len(rows[idx]) + sample
 
+        channel_format = _requested_channel_format(kwargs)
         if rows is not None:
-            channel_format = _requested_channel_format(kwargs)
             rows = [
                 [self._load_image(image, sample_idx, image_idx, channel_format) for image_idx, image in enumerate(row)]
                 for sample_idx, row in enumerate(rows)
             ]
         if video_rows is not None or any(self._count_markers(sample, VIDEO_MARKER) for sample in texts):
-            rows, texts = self._interleave_videos(rows, video_rows, texts, _requested_num_frames(kwargs, self))
+            rows, texts = self._interleave_videos(
+                rows, video_rows, texts, _requested_num_frames(kwargs, self), channel_format
+            )
         if rows is not None and not any(rows):
             rows = None
         return rows, texts, None, None
@@ -634,7 +637,12 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return rows
 
     def _interleave_videos(
-        self, rows: list[list[Any]] | None, video_rows: list[list[Any]] | None, texts: list[str], num_frames: int | None
+        self,
+        rows: list[list[Any]] | None,
+        video_rows: list[list[Any]] | None,
+        texts: list[str],
+        num_frames: int | None,
+        channel_format: ChannelDimension | None = None,
     ) -> tuple[list[list[Any]], list[str]]:
         """Each sample's media in text order (images as they are, videos as `_VideoFrames`), `<video>` -> `<image>`."""
         media_rows, new_texts = [], []
@@ -651,7 +659,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
             media, video_idx = [], 0
             for match in either.finditer(sample):
                 if match.group(0) == VIDEO_MARKER:
-                    media.append(self._load_video(videos[video_idx], sample_idx, video_idx, num_frames))
+                    media.append(self._load_video(videos[video_idx], sample_idx, video_idx, num_frames, channel_format))
                     video_idx += 1
                 elif images:
                     media.append(images.pop(0))
@@ -661,7 +669,14 @@ class OpenFlamingoProcessor(ProcessorMixin):
             new_texts.append(self._marker_pattern(VIDEO_MARKER).sub(self.image_token, sample))
         return media_rows, new_texts
 
-    def _load_video(self, video: Any, sample_idx: int, video_idx: int, num_frames: int | None) -> _VideoFrames:
+    def _load_video(
+        self,
+        video: Any,
+        sample_idx: int,
+        video_idx: int,
+        num_frames: int | None,
+        channel_format: ChannelDimension | None = None,
+    ) -> _VideoFrames:
         """The frames of one video, sampled uniformly to `num_frames` (all of them when it has no more)."""
         where = f"Sample {sample_idx}, video {video_idx}"
         if num_frames is None:
@@ -679,7 +694,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 raise ValueError(f"{where} has no frames.")
             frames = [frames[int(i)] for i in uniform_frame_indices(len(frames), num_frames)]
         return _VideoFrames(
-            self._load_image(frame, sample_idx, video_idx, where=f"{where}, frame {frame_idx}")
+            self._load_image(frame, sample_idx, video_idx, channel_format, where=f"{where}, frame {frame_idx}")
             for frame_idx, frame in enumerate(frames)
         )
 
@@ -853,13 +868,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image normalization: every image becomes an 8-bit PIL image before the image processor runs. Its own handling of
-# arrays guesses the channel axis (channels first when in doubt), rescales float [0, 1] images by 1/255 a second
-# time, and PIL clips 16-bit images to white when converting them to RGB; a PIL image in an 8-bit mode is what every
-# image processor backend handles the same, correct way.
+# Video reading: frames sampled uniformly, files through transformers' `load_video`
 # ----------------------------------------------------------------------------------------------------------------
 
-# Channel counts of an image array: gray, RGB, RGBA (as in transformers' `infer_channel_dimension_format` calls).
 class _VideoFrames(list):
     """The loaded frames of one video: one media slot of several frames (a plain list is not a media item)."""
 
@@ -905,6 +916,14 @@ def _requested_num_frames(kwargs: dict[str, Any], processor: OpenFlamingoProcess
     return value
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Image normalization: every image becomes an 8-bit PIL image before the image processor runs. Its own handling of
+# arrays guesses the channel axis (channels first when in doubt), rescales float [0, 1] images by 1/255 a second
+# time, and PIL clips 16-bit images to white when converting them to RGB; a PIL image in an 8-bit mode is what every
+# image processor backend handles the same, correct way.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Channel counts of an image array: gray, RGB, RGBA (as in transformers' `infer_channel_dimension_format` calls).
 _CHANNEL_COUNTS = (1, 3, 4)
 # 16-bit PIL modes. They, and the 32-bit modes `I` and `F`, are clipped (not scaled) by `Image.convert("RGB")`.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
