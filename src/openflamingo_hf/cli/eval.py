@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.results_file and os.path.isdir(args.results_file):
             raise ValueError(f"--results_file {args.results_file} is a folder; give a file name (results.json).")
-        if not args.embedded_world:
-            selected_benchmarks(args, datasets)  # usage errors before anything is loaded
-        run(args, datasets)
+        run(args, datasets)  # checks the flags (selected_benchmarks) before it loads any file or the model
     except (ValueError, OSError, RuntimeError) as error:  # bad files or flags, missing Java / NLTK data
         parser.error(str(error))
     return 0

@@ -38,11 +38,6 @@ _LOADED: dict = {}
 
 def load_embedded_model(device: str | None = None):
     """`(model, processor)` of the shipped model, in eval mode (cached per device)."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from .. import OpenFlamingoConfig  # noqa: F401  (registers the Auto classes)
-
     if not os.path.isfile(os.path.join(EMBEDDED_MODEL_DIR, "config.json")):
         raise FileNotFoundError(
             f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. Reinstall openflamingo-hf, or train it with "
@@ -50,9 +45,20 @@ def load_embedded_model(device: str | None = None):
         )
     device = device or "cpu"
     if device not in _LOADED:
-        model = AutoModelForImageTextToText.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32)
-        _LOADED[device] = (model.to(device).eval(), AutoProcessor.from_pretrained(EMBEDDED_MODEL_DIR))
+        model, processor = _load_folder(EMBEDDED_MODEL_DIR)
+        _LOADED[device] = (model.to(device), processor)
     return _LOADED[device]
+
+
+def _load_folder(folder: str):
+    """`(model, processor)` of a model folder, fp32, in eval mode."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .. import OpenFlamingoConfig  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(folder)
 
 
 def sample_image_paths() -> list[str]:
@@ -159,15 +165,7 @@ def in_context_format_following(examples: list[Example], model, processor, shots
 
 
 def _load(model_dir: str | None):
-    if model_dir is None:
-        return load_embedded_model()
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from .. import OpenFlamingoConfig  # noqa: F401
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(model_dir)
+    return load_embedded_model() if model_dir is None else _load_folder(model_dir)
 
 
 __all__ = [
