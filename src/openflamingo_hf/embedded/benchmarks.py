@@ -31,7 +31,7 @@ def _save(example: Example, path: str) -> str:
 def _karpathy(folder: str, name: str, train: list[Example], test: list[Example], coco: bool) -> dict[str, str]:
     images, flags = [], {}
     for split, examples in (("train", train), ("test", test)):
-        for index, example in enumerate(examples):
+        for example in examples:
             number = len(images)
             if coco:
                 subdir = "train2014" if split == "train" else "val2014"

@@ -104,8 +104,7 @@ def load_benchmark_data(name: str, values: dict) -> BenchmarkData:
     _check_class_folders(os.path.join(v["imagenet_root"], "val"), class_names)
     train = loaders.load_imagenet(os.path.join(v["imagenet_root"], "train"), class_names)
     test = loaders.load_imagenet(os.path.join(v["imagenet_root"], "val"), class_names)
-    names = sorted({e.label for e in train + test}) if class_names is None else None
-    return BenchmarkData(train, test, class_names=names)
+    return BenchmarkData(train, test)  # the classes: the labels of both splits (`evaluate._class_names`)
 
 
 def _check_class_folders(split_dir: str, class_names: str | None) -> None:

@@ -10,7 +10,7 @@ each query gets its demonstrations (at random, or by RICES), the prompt is writt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,7 +69,6 @@ class EvalSettings:
     rices: object | None = None  # a `demonstrations.RICES` over the train split, or None for random
     ok_vqa_stemming: bool = True  # OK-VQA's answer stemming (needs NLTK data); False: plain VQA accuracy
     show_progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
