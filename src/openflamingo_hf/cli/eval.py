@@ -107,7 +107,6 @@ def _use_embedded_world(args: EvalArguments, datasets) -> None:
 
 
 def _load_model(args: EvalArguments):
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import openflamingo_hf  # noqa: F401  (registers the Auto classes)
@@ -117,11 +116,12 @@ def _load_model(args: EvalArguments):
         from ..embedded import EMBEDDED_MODEL_DIR
 
         source = EMBEDDED_MODEL_DIR
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from accelerate import PartialState
 
-    if PartialState().num_processes > 1:
-        device = PartialState().device
+    # Launched on several processes, each evaluates on its own device; alone, --device or accelerate's choice
+    # (cuda when available, else cpu).
+    state = PartialState()
+    device = state.device if state.num_processes > 1 or args.device is None else args.device
     model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto").to(device).eval()
     return model, AutoProcessor.from_pretrained(source)
 
