@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
+from openflamingo_hf.releases import RELEASES, get_release_config
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
 from openflamingo_hf.tiny_models import (
     TEXT_FAMILIES,
@@ -393,7 +394,7 @@ def test_truncated_safetensors_file_is_named(tmp_path):
         AutoModelForImageTextToText.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["mpt", "llama"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_generate_decodes_from_the_cache_even_when_the_lm_config_says_not_to(family):
     """MptConfig defaults to use_cache=False (the 9B release's LM): generate must still decode from the cache, with
     the tokens of a full recomputation at every step."""
@@ -411,3 +412,13 @@ def test_generate_decodes_from_the_cache_even_when_the_lm_config_says_not_to(fam
     assert lengths[1:] == [1] * (len(lengths) - 1)  # after the prefill, one new token per step
     full = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, use_cache=False)
     assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_every_release_generates_from_the_cache(name):
+    """The release configs (the 9B one's LM config says use_cache=False) give generation settings that decode from
+    the cache; built on the meta device, so no weights are made."""
+    with torch.device("meta"):
+        model = OpenFlamingoForConditionalGeneration(get_release_config(name))
+    assert model.generation_config.use_cache is True
+    assert model.generation_config.eos_token_id == model.config.eoc_token_id

@@ -7,11 +7,14 @@ How the gated cross-attention blocks get into an unmodified language model
 --------------------------------------------------------------------------
 The language model is any `AutoModelForCausalLM`, kept exactly as it is: its state-dict keys, module names and code
 are untouched, so base weights load as they are and PEFT targets the usual names. A gated block must run on the
-hidden states right before certain decoder layers, so each such layer gets a forward *pre-hook* (a standard PyTorch
-mechanism, registered once at construction). The hook itself holds no data: the conditioning of the current call
-(image keys/values, which image each token may see) lives in a `ContextVar` that `OpenFlamingoForConditionalGeneration.
-forward` sets for the duration of the language-model call and resets afterwards. Outside such a call the hooks do
-nothing, so `model.language_model` used on its own is the bare LM. transformers' `GradientCheckpointingLayer`
+hidden states right before certain decoder layers, so every decoder layer gets a forward *pre-hook* (a standard
+PyTorch mechanism, registered once at construction). The hook itself holds no data: the conditioning of the current
+call (image keys/values, which image each token may see) travels with the call, as a keyword argument that
+`OpenFlamingoForConditionalGeneration.forward` gives the language model, which transformers models pass on to their
+decoder layers, where the hook takes it out again. This route traces into one `torch.compile` graph. For the few
+language models that do not pass keyword arguments on (transformers' MPT, Bloom, Falcon), eager calls also publish
+it in a `ContextVar` for the duration of the language-model call. Outside such a call the hooks do nothing, so
+`model.language_model` used on its own is the bare LM. transformers' `GradientCheckpointingLayer`
 checkpoints `forward`, not `__call__`, so the hooks run once, outside the recomputed region; the gated blocks are
 themselves `GradientCheckpointingLayer`s and get checkpointed on their own with explicit inputs.
 """
@@ -41,6 +44,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
@@ -235,16 +239,17 @@ class OpenFlamingoCrossAttention(nn.Module):
         hidden_states: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attn_mask: torch.Tensor,
+        attn_mask: torch.Tensor | None,
         has_media: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: (batch, seq_len, dim)
-            key, value: (batch, num_heads, num_images * num_latents, head_dim) from `project_media`.
-            attn_mask: (batch, 1, seq_len, num_images * num_latents) bool, True where a token may attend.
-                Rows of tokens that see no image are all True (any finite values will do: they are zeroed below),
-                so the softmax never sees an all-masked row and cannot produce NaN.
+            key, value: (batch, num_heads, num_images * num_latents, head_dim) from `project_media`, or the latents of
+                one image per row, (batch, num_heads, num_latents, head_dim), which every token of that row attends.
+            attn_mask: (batch, 1, seq_len, num_images * num_latents) bool, True where a token may attend; `None` with
+                one image per row. Rows of tokens that see no image are all True (any finite values will do: they
+                are zeroed below), so the softmax never sees an all-masked row and cannot produce NaN.
             has_media: (batch, seq_len, 1) bool, False for tokens that see no image.
         Returns:
             (batch, seq_len, dim); exactly zero at tokens that see no image.
@@ -317,14 +322,46 @@ class OpenFlamingoMediaCache:
     num_latents: int
 
 
+# The keyword argument that carries `_CrossAttentionInputs` through the language model to its decoder layers.
+CROSS_ATTENTION_KWARG = "openflamingo_cross_attention"
+
+
 @dataclass
 class _CrossAttentionInputs:
-    """Per-call inputs of the gated blocks, visible to the pre-hooks through `_CROSS_ATTENTION_INPUTS`."""
+    """
+    Per-call inputs of the gated blocks. `forward` passes them to the language model as the keyword argument
+    `CROSS_ATTENTION_KWARG`, which transformers models hand on to every decoder layer, where the pre-hook takes it
+    out again (the layer never sees it). That route is traceable by `torch.compile`. For language models that do not
+    pass keyword arguments on to their layers (transformers' MPT, Bloom, Falcon), eager calls also publish the
+    inputs through `_CROSS_ATTENTION_INPUTS`, a `ContextVar`, which dynamo cannot trace.
+    """
 
     blocks: nn.ModuleDict
     media_cache: OpenFlamingoMediaCache | None
-    attn_mask: torch.Tensor | None  # (batch, 1, seq_len, num_images * num_latents)
+    attn_mask: torch.Tensor | None  # (batch, 1, seq_len, num_images * num_latents); None with `image_index`
     has_media: torch.Tensor | None  # (batch, seq_len, 1)
+    # (batch,) 0-based image the single new token of each row attends to, when it attends to that image only
+    # (immediate media, one token per step: decoding). Then each block reads that image's latents alone instead of
+    # masking all of them, so decoding after a 32-shot prompt costs what it costs after a 1-shot one.
+    image_index: torch.Tensor | None = None
+    blocks_run: int = 0  # gated blocks run so far in this call
+
+    def key_value(self, layer_key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The keys/values block `layer_key` attends to.
+
+        Returns:
+            key, value: each (batch, num_heads, num_images * num_latents, head_dim), or (batch, num_heads,
+                num_latents, head_dim) with `image_index`.
+        """
+        key, value = self.media_cache.key_values[layer_key]
+        if self.image_index is not None:
+            rows = torch.arange(key.shape[0], device=key.device)
+            index = self.image_index.to(key.device)
+            # (batch, heads, images, latents, head_dim)[rows, :, index] -> (batch, heads, latents, head_dim)
+            split = lambda x: x.unflatten(2, (-1, self.media_cache.num_latents))[rows, :, index]  # noqa: E731
+            key, value = split(key), split(value)
+        return key.to(device), value.to(device)
 
 
 _CROSS_ATTENTION_INPUTS: contextvars.ContextVar[_CrossAttentionInputs | None] = contextvars.ContextVar(
@@ -333,17 +370,24 @@ _CROSS_ATTENTION_INPUTS: contextvars.ContextVar[_CrossAttentionInputs | None] = 
 
 
 def _gated_cross_attention_pre_hook(layer_key: str, module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of a decoder layer: runs its gated cross-attention block on the layer's input hidden states."""
-    inputs = _CROSS_ATTENTION_INPUTS.get()
+    """
+    Forward pre-hook of every decoder layer: takes the OpenFlamingo inputs out of the layer's keyword arguments and,
+    if a gated block precedes this layer, runs it on the layer's input hidden states.
+    """
+    inputs = kwargs.pop(CROSS_ATTENTION_KWARG, None)
+    if inputs is None and not torch.compiler.is_compiling():
+        inputs = _CROSS_ATTENTION_INPUTS.get()
     if inputs is None or layer_key not in inputs.blocks:
-        return None  # the language model is being used on its own
+        return args, kwargs  # the language model is being used on its own, or no block precedes this layer
     block = inputs.blocks[layer_key]
+    inputs.blocks_run += 1
     hidden_states = args[0] if args else kwargs["hidden_states"]
     device = block.ff_gate.device  # with device_map="auto" a block may live elsewhere than its decoder layer
     key = value = attn_mask = has_media = None
     if inputs.media_cache is not None:
-        key, value = (t.to(device) for t in inputs.media_cache.key_values[layer_key])
-        attn_mask, has_media = inputs.attn_mask.to(device), inputs.has_media.to(device)
+        key, value = inputs.key_value(layer_key, device)
+        has_media = inputs.has_media.to(device)
+        attn_mask = inputs.attn_mask.to(device) if inputs.attn_mask is not None else None
     out = block(hidden_states.to(device), key, value, attn_mask, has_media).to(hidden_states.device)
     if args:
         return (out, *args[1:]), kwargs
@@ -458,7 +502,8 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
     """
     Args:
         loss: (1,) shifted next-token cross-entropy (labels of -100 ignored), when `labels` is given.
-        logits: (batch, seq_len, vocab_size)
+        logits: (batch, seq_len, vocab_size); with `labeled_logits_only`, (1, num_labeled, vocab_size): the positions
+            whose next token carries a label, row by row.
         cache: the language model's KV cache.
         hidden_states, attentions: as returned by the language model.
         image_hidden_states: (batch, num_images, num_latents, vision_dim) Perceiver outputs, when images were
@@ -562,10 +607,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 for i in config.cross_attn_layer_indices(len(decoder_layers))
             }
         )
-        for layer_key in self.gated_cross_attn_layers:
-            decoder_layers[int(layer_key)].register_forward_pre_hook(
-                functools.partial(_gated_cross_attention_pre_hook, layer_key), with_kwargs=True
+        # Every layer gets the hook, also those without a block: it removes OpenFlamingo's keyword argument, which
+        # a layer's attention implementation might not accept.
+        for index, layer in enumerate(decoder_layers):
+            layer.register_forward_pre_hook(
+                functools.partial(_gated_cross_attention_pre_hook, str(index)), with_kwargs=True
             )
+        # What the LM's forward accepts, looked up once (not inside a traced forward).
+        self._language_model_parameters = _forward_parameters(type(self.language_model))
+        # Compilable with fullgraph=True exactly when its language model is: the rest traces without graph breaks.
+        self._can_compile_fullgraph = getattr(self.language_model, "_can_compile_fullgraph", False)
         self.post_init()
 
     # ---------------------------------------------------------------- embeddings, delegated to the language model
@@ -917,6 +968,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         media_cache: OpenFlamingoMediaCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         frame_mask: torch.Tensor | None = None,
+        labeled_logits_only: bool = False,
         **kwargs,
     ) -> OpenFlamingoCausalLMOutputWithPast:
         r"""
@@ -935,54 +987,156 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
                 recomputing them from images.
             frame_mask: (batch, num_images, num_frames) bool with `pixel_values`: False for padding frames.
+            labeled_logits_only: with `labels`, apply the LM head only at positions whose next token carries a label
+                (training: most positions of a batch are padding or masked, and the head is the widest matmul).
+                Same loss; `logits` then holds those positions only. `OpenFlamingoTrainer` sets it when training.
         """
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass either pixel_values or image_features, not both.")
-        if frame_mask is not None and pixel_values is None:
-            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
         has_images = pixel_values is not None or image_features is not None or media_cache is not None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        continuing = past_length > 0
-        self._check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, past_length)
-        if has_images and self.config.media_token_id is None:
-            raise ValueError(_NO_MEDIA_TOKEN_ID)
-
-        if media_index is None:
-            if input_ids is None:
-                if has_images:
-                    raise ValueError("With inputs_embeds instead of input_ids, pass media_index to place the images.")
-            elif continuing and has_images:
-                raise ValueError(
-                    "When decoding from a cache with images, pass media_index for the new tokens (the image number "
-                    "each attends to: model.get_media_index(full_input_ids)[:, -num_new_tokens:]), or use generate()."
-                )
-            elif self.config.media_token_id is not None or has_images:
-                media_index = self.get_media_index(input_ids)
-                if not has_images and not continuing and bool((media_index[:, -1] > 0).any()):
-                    raise ValueError(
-                        "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per "
-                        "<image> token) or remove the <image> tokens."
-                    )
+        if not torch.compiler.is_compiling():
+            # Validation reads the cache length and tensor values (host syncs), which would break a compiled graph.
+            # A compiled decode step gets its inputs from generate(), which validated them at the prompt.
+            self._check_forward_inputs(
+                input_ids, inputs_embeds, attention_mask, labels, pixel_values, image_features, frame_mask,
+                media_index, cache, has_images,
+            )
+        if media_index is None and input_ids is not None and self.config.media_token_id is not None:
+            media_index = self.get_media_index(input_ids)
 
         image_hidden_states = None
         if media_cache is None and (pixel_values is not None or image_features is not None):
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values, frame_mask)
             image_hidden_states = image_features
-            self._check_image_features(image_features, (input_ids if input_ids is not None else inputs_embeds).shape[0])
-            if image_mask is None and input_ids is None:
-                raise ValueError("With inputs_embeds instead of input_ids, pass image_mask to say which images exist.")
-            if input_ids is not None:
-                image_mask = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
-            media_cache = self.build_media_cache(image_features, image_mask.bool())
+            media_cache = self._encode_media_cache(input_ids, inputs_embeds, image_features, image_mask)
+        cross_attention = self._cross_attention_inputs(media_index, media_cache)
 
-        attn_mask = has_media = None
-        if media_cache is not None:
-            attn_mask, has_media = self._cross_attention_mask(media_index, media_cache)
+        lm_kwargs = self._language_model_kwargs(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, logits_to_keep, kwargs
+        )
+        if labeled_logits_only and labels is not None and self._separate_output_head() is not None:
+            outputs = self._run_language_model_on_labels(lm_kwargs, cross_attention)
+        else:
+            outputs = self._run_language_model(lm_kwargs, cross_attention)
+        output = OpenFlamingoCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.get("cache"),
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            image_hidden_states=image_hidden_states,
+            media_cache=media_cache,
+        )
+        return output if return_dict else output.to_tuple()
 
+    # ---------------------------------------------------------------- phases of forward
+    def _check_forward_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        media_index: torch.LongTensor | None,
+        cache: Cache | None,
+        has_images: bool,
+    ) -> None:
+        """Everything `forward` refuses, with a message that says what to pass instead."""
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        if frame_mask is not None and pixel_values is None:
+            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, past_length)
+        if has_images and self.config.media_token_id is None:
+            raise ValueError(_NO_MEDIA_TOKEN_ID)
+        if media_index is not None:
+            return
+        if input_ids is None:
+            if has_images:
+                raise ValueError("With inputs_embeds instead of input_ids, pass media_index to place the images.")
+        elif past_length > 0 and has_images:
+            raise ValueError(
+                "When decoding from a cache with images, pass media_index for the new tokens (the image number "
+                "each attends to: model.get_media_index(full_input_ids)[:, -num_new_tokens:]), or use generate()."
+            )
+        elif (
+            not has_images
+            and past_length == 0
+            and self.config.media_token_id is not None
+            and bool((input_ids == self.config.media_token_id).any())
+        ):
+            raise ValueError(
+                "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per <image> "
+                "token) or remove the <image> tokens."
+            )
+
+    def _encode_media_cache(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        image_features: torch.Tensor,
+        image_mask: torch.Tensor | None,
+    ) -> OpenFlamingoMediaCache:
+        """The media cache of freshly given images: which slots are real, and every block's keys/values."""
+        self._check_image_features(image_features, (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        if image_mask is None and input_ids is None:
+            raise ValueError("With inputs_embeds instead of input_ids, pass image_mask to say which images exist.")
+        if input_ids is not None:
+            image_mask = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
+        return self.build_media_cache(image_features, image_mask.bool())
+
+    def _cross_attention_inputs(
+        self, media_index: torch.LongTensor | None, media_cache: OpenFlamingoMediaCache | None
+    ) -> _CrossAttentionInputs:
+        """What the gated blocks of this call attend to: all images under a mask, or (decoding one token with
+        immediate media) each row's one image."""
+        if media_cache is None:
+            return _CrossAttentionInputs(self.gated_cross_attn_layers, None, None, None)
+        if self.config.only_attend_immediate_media and media_index.shape[1] == 1:
+            image_index, has_media = self._immediate_image(media_index, media_cache)
+            return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, None, has_media, image_index)
+        attn_mask, has_media = self._cross_attention_mask(media_index, media_cache)
+        return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, attn_mask, has_media)
+
+    @staticmethod
+    def _immediate_image(
+        media_index: torch.LongTensor, media_cache: OpenFlamingoMediaCache
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """
+        The one image a single new token attends to under immediate media (the same as `_cross_attention_mask`
+        allows it, without materializing a mask over every image).
+
+        Args:
+            media_index: (batch, 1) 1-based image number of the new token of each row.
+        Returns:
+            image_index: (batch,) 0-based image slot (clamped to a valid slot where the token sees no image).
+            has_media: (batch, 1, 1) bool, False where the token sees no image (before the first one, beyond the
+                images given, or at a padding slot).
+        """
+        image_mask = media_cache.image_mask.to(media_index.device)
+        number = media_index[:, 0]
+        image_index = (number - 1).clamp(min=0, max=image_mask.shape[1] - 1)
+        real = image_mask.gather(1, image_index[:, None])[:, 0]
+        has_media = (number >= 1) & (number <= image_mask.shape[1]) & real
+        return image_index, has_media[:, None, None]
+
+    def _language_model_kwargs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor,
+        kwargs: dict,
+    ) -> dict:
         lm_kwargs = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -997,29 +1151,72 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # generate() does too); the mask covers cached tokens as well, hence the slice.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_ids = position_ids[:, -(input_ids if input_ids is not None else inputs_embeds).shape[1] :]
-        accepted = _forward_parameters(type(self.language_model))
+        accepted = self._language_model_parameters
         for name, value in (("position_ids", position_ids), ("logits_to_keep", logits_to_keep)):
             if value is not None and ("*" in accepted or name in accepted):
                 lm_kwargs[name] = value
+        return lm_kwargs
 
-        token = _CROSS_ATTENTION_INPUTS.set(
-            _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, attn_mask, has_media)
-        )
-        try:
+    def _run_language_model(self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs):
+        """The language-model call, with the gated blocks' inputs reaching the decoder-layer hooks."""
+        if "*" in self._language_model_parameters:
+            lm_kwargs[CROSS_ATTENTION_KWARG] = cross_attention
+        if torch.compiler.is_compiling():
             outputs = self.language_model(**lm_kwargs, return_dict=True)
+            if cross_attention.blocks_run == 0 and len(self.gated_cross_attn_layers) > 0:
+                raise RuntimeError(
+                    f"{type(self.language_model).__name__} does not pass keyword arguments on to its decoder layers, "
+                    "so its gated cross-attention blocks cannot be reached inside a compiled graph. Run this model "
+                    "without torch.compile (or static-cache compilation), or use a language model that does "
+                    "(Llama, GPT-NeoX, MosaicGPT, ...)."
+                )
+            return outputs
+        token = _CROSS_ATTENTION_INPUTS.set(cross_attention)
+        try:
+            return self.language_model(**lm_kwargs, return_dict=True)
         finally:
             _CROSS_ATTENTION_INPUTS.reset(token)
 
-        output = OpenFlamingoCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            cache=outputs.get("cache"),
-            hidden_states=outputs.get("hidden_states"),
-            attentions=outputs.get("attentions"),
-            image_hidden_states=image_hidden_states,
-            media_cache=media_cache,
+    def _separate_output_head(self) -> nn.Module | None:
+        """The LM's output head, when it is a module of its own (not the input embedding called twice)."""
+        head = self.get_output_embeddings()
+        return head if isinstance(head, nn.Module) and head is not self.get_input_embeddings() else None
+
+    def _run_language_model_on_labels(self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs):
+        """
+        The language-model call with its output head applied only at labelled positions, and the loss over them.
+        A forward pre-hook on the head, there for this call only, selects the head's input rows; whatever the LM does
+        to the head's output (soft-capping, scaling) still applies.
+        """
+        labels = lm_kwargs.pop("labels")
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (batch, seq_len): the token each position predicts
+        keep = targets != -100
+
+        def select_labeled(module: nn.Module, args: tuple):
+            hidden_states = args[0]  # (batch, seq_len, dim)
+            if hidden_states.shape[:2] != keep.shape:
+                raise RuntimeError(
+                    f"labeled_logits_only: the output head of {type(self.language_model).__name__} gets inputs of "
+                    f"shape {tuple(hidden_states.shape)}, not (batch, seq_len, dim) = {(*keep.shape, '...')}. Train "
+                    "without it (OpenFlamingoTrainer(..., labeled_logits_only=False))."
+                )
+            return (hidden_states[keep.to(hidden_states.device)][None], *args[1:])
+
+        if "logits_to_keep" in lm_kwargs:
+            lm_kwargs["logits_to_keep"] = 0  # the head's input must be every position, for the selection to index
+        handle = self._separate_output_head().register_forward_pre_hook(select_labeled)
+        try:
+            outputs = self._run_language_model(lm_kwargs, cross_attention)
+        finally:
+            handle.remove()
+        outputs.loss = ForCausalLMLoss(
+            outputs.logits,
+            None,
+            outputs.logits.shape[-1],
+            num_items_in_batch=lm_kwargs.get("num_items_in_batch"),
+            shift_labels=targets[keep][None],
         )
-        return output if return_dict else output.to_tuple()
+        return outputs
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
