@@ -817,7 +817,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         if _has_fixed_position_table(self.language_model):
             raise ValueError(message + " Shorten the prompt (fewer demonstrations) or lower max_new_tokens.")
-        logger.warning_once(message + " Its outputs beyond that are unreliable.")
+        # Once per model type and limit, not once per length (which would warn at every decoding step).
+        logger.warning_once(
+            f"A sequence is longer than the language model ({self.config.get_text_config().model_type}) was built "
+            f"for (at most {limit} positions). Its outputs beyond that are unreliable."
+        )
 
     def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """

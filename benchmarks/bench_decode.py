@@ -1,0 +1,141 @@
+"""Decode-step benchmark: eager vs static cache vs compiled static cache, and 1-shot vs many-shot decoding.
+
+    python benchmarks/bench_decode.py                  # tiny model on CPU (overhead-bound: what compile removes)
+    python benchmarks/bench_decode.py --device cuda    # the same on a GPU
+
+Decode cost is measured as (generate N tokens - generate 1 token) / (N - 1): the prefill and the image encoding
+cancel out, leaving the per-token step. Rows, all on the same random model and inputs, in one run:
+  * `eager dynamic`: plain `generate()` (DynamicCache), the baseline of every ratio;
+  * `eager static`: `cache_implementation="static"`;
+  * `compiled static`: static cache with the decode step compiled by `generate()` itself
+    (`CompileConfig(fullgraph=True)`: one graph, no breaks, or the row fails);
+  * `K-shot`: the same decode after a prompt of K demonstrations (K images + their text). With immediate media a
+    decoding token reads only its own image's latents, so the step should not grow with K.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import CompileConfig
+
+from openflamingo_hf import OpenFlamingoForConditionalGeneration
+from openflamingo_hf.tiny_models import tiny_openflamingo_config
+
+
+def build_model(family: str, device: str) -> OpenFlamingoForConditionalGeneration:
+    torch.manual_seed(0)
+    model = OpenFlamingoForConditionalGeneration(tiny_openflamingo_config(family)).to(device).eval()
+    with torch.no_grad():  # non-zero gates so that the cross-attention path does real work
+        for block in model.gated_cross_attn_layers.values():
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    return model
+
+
+def few_shot_inputs(model, shots: int, batch_size: int, device: str, tokens_per_shot: int = 6):
+    """`shots` demonstrations (an <image> and text each) and a query image: shots + 1 images per row."""
+    config = model.config
+    generator = torch.Generator().manual_seed(shots)
+    length = (shots + 1) * tokens_per_shot
+    ids = torch.randint(3, config.media_token_id - 1, (batch_size, length), generator=generator)
+    ids[:, ::tokens_per_shot] = config.media_token_id
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch_size, shots + 1, 1, 3, size, size, generator=generator)
+    return {"input_ids": ids.to(device), "pixel_values": pixels.to(device)}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, device: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: int, **generate_kwargs) -> float:
+    """Per-token decode time: the difference between generating `new_tokens` and 1 token, per extra token."""
+
+    def generate(n):
+        return lambda: model.generate(
+            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, **generate_kwargs
+        )
+
+    generate(new_tokens)()  # warm-up (and compilation, for the compiled row)
+    generate(1)()
+    long, short = _median_seconds(generate(new_tokens), device, repeats), _median_seconds(generate(1), device, repeats)
+    return max(long - short, 1e-9) / (new_tokens - 1) * 1e3
+
+
+def compile_config(device: str) -> CompileConfig:
+    # "reduce-overhead" (CUDA graphs) is the GPU default; on CPU plain inductor. generate() compiles only on
+    # accelerators unless told to compile everywhere.
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.startswith("cuda") else None)
+    config._compile_all_devices = True
+    return config
+
+
+@torch.no_grad()
+def run(family: str, device: str, batch_size: int, new_tokens: int, repeats: int, shots: list[int]) -> list[dict]:
+    model = build_model(family, device)
+    rows = []
+    inputs = few_shot_inputs(model, 2, batch_size, device)
+    cases = {
+        "eager dynamic": {},
+        "eager static": {"cache_implementation": "static"},
+        "compiled static": {"cache_implementation": "static", "compile_config": compile_config(device)},
+    }
+    for name, kwargs in cases.items():
+        try:
+            ms = decode_ms_per_token(model, inputs, device, new_tokens, repeats, **kwargs)
+        except Exception as error:  # a row that cannot run says why, the others still run
+            rows.append({"case": name, "ms_per_token": None, "note": f"failed: {str(error).splitlines()[0][:80]}"})
+            continue
+        rows.append({"case": name, "ms_per_token": ms, "note": "2-shot prompt"})
+    for k in shots:
+        ms = decode_ms_per_token(model, few_shot_inputs(model, k, batch_size, device), device, new_tokens, repeats)
+        rows.append({"case": f"{k}-shot", "ms_per_token": ms, "note": f"eager dynamic, {k + 1} images"})
+    return rows
+
+
+def print_table(rows: list[dict], family: str, device: str, batch_size: int) -> None:
+    baseline = rows[0]["ms_per_token"]
+    one_shot = next((row["ms_per_token"] for row in rows if row["case"] == "1-shot"), None)
+    print(f"\ndecode step, tiny {family} OpenFlamingo, {device}, batch {batch_size}\n")
+    print("| case | ms/token | speed-up vs eager dynamic | vs 1-shot | note |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        ms = row["ms_per_token"]
+        speedup = f"{baseline / ms:.2f}x" if ms and baseline else "-"
+        versus = f"{ms / one_shot:.2f}x" if ms and one_shot and row["case"].endswith("-shot") else "-"
+        print(f"| {row['case']} | {ms:.3f} | {speedup} | {versus} | {row['note']} |" if ms else
+              f"| {row['case']} | - | - | - | {row['note']} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llama", help="tiny LM family: llama, gpt_neox or mosaic_gpt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the long run of each pair")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 8, 32], help="demonstration counts to compare")
+    args = parser.parse_args(argv)
+    rows = run(args.family, args.device, args.batch_size, args.new_tokens, args.repeats, args.shots)
+    print_table(rows, args.family, args.device, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
