@@ -7,6 +7,10 @@
     # Fine-tuning a trained model on a JSONL of examples, with LoRA.
     openflamingo-train --model_name_or_path ./OpenFlamingo-3B-hf --finetune_data data.jsonl --lora --output_dir ft
 
+Shards may hold videos in place of images (conventions in `openflamingo_hf.trainer.data`); each video takes one media
+slot of `--num_frames` frames sampled uniformly. To tell the order of the frames the model needs learned frame
+embeddings: from backbones, add `"perceiver_max_num_frames": N` to --config_overrides.
+
 Flags follow the original `open_flamingo/train/train.py` where the concept is the same; every `TrainingArguments` flag
 works too (`--bf16`, `--gradient_checkpointing`, `--save_steps`, `--resume_from_checkpoint`, ...). Scale out with
 `accelerate launch --config_file examples/accelerate/<ddp|fsdp|deepspeed_zero2|deepspeed_zero3>.yaml -m
@@ -70,10 +74,14 @@ class DataArguments:
     laion_shards: str | None = field(
         default=None,
         metadata={"help": "Image-caption pair shards: webdataset tars (jpg/png/jpeg + txt), a list, a glob or brace "
-                          "notation (shard-{0000..0099}.tar); or a JSONL / image folder."},
+                          "notation (shard-{0000..0099}.tar); or a JSONL / image folder. A sample may hold a video "
+                          "instead of the image: a mp4/avi/webm/mkv/mov member, a frames.npy (T, H, W, C) array or "
+                          "frames x.0.jpg, x.1.jpg, ... in tars; a \"video\" path or list of frame paths in JSONL."},
     )
     mmc4_shards: str | None = field(
-        default=None, metadata={"help": "Interleaved (MMC4-style) document shards: tars of json samples."}
+        default=None,
+        metadata={"help": "Interleaved (MMC4-style) document shards: tars of json samples. An image_info entry may be "
+                          "a video: video_base64 (a video file) or frames_base64 (a list of frame images)."},
     )
     finetune_data: str | None = field(
         default=None, metadata={"help": "Fine-tuning JSONL (prompt/answer, chat messages or captions)."}
@@ -97,6 +105,13 @@ class DataArguments:
     mmc4_max_length: int = field(default=256, metadata={"help": "Tokens per document (padded / truncated)."})
     finetune_max_length: int = field(default=512, metadata={"help": "Tokens per fine-tuning example at most."})
     mask_eos: bool = field(default=False, metadata={"help": "No loss on eos (the original trained it)."})
+    num_frames: int | None = field(
+        default=None,
+        metadata={"help": "Frames sampled uniformly from each video in the data (shorter videos keep all theirs; "
+                          "batches pad and mask the missing frames). Default: the processor's num_frames, else the "
+                          "model's perceiver_max_num_frames. Needed when the shards hold videos and neither is set. "
+                          "Saved with the processor, so generation samples videos the same way."},
+    )
 
 
 @dataclass
@@ -148,6 +163,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError(
             "Shards have no length: give --max_steps, or --train_num_samples_laion and --train_num_samples_mmc4."
         )
+    if data_args.num_frames is not None and data_args.num_frames < 1:
+        raise UsageError(f"--num_frames must be at least 1 (frames per video), got {data_args.num_frames}.")
     parse_config_overrides(model_args.config_overrides)
 
 
@@ -203,6 +220,22 @@ def load_model_and_processor(model_args: ModelArguments):
     return model, processor
 
 
+def set_num_frames(processor, model, num_frames: int | None) -> None:
+    """
+    `processor.num_frames` for the run (saved with the processor): `num_frames` (--num_frames), else the processor's
+    own, else the model's frame embeddings' count (`config.perceiver_max_num_frames`); None leaves videos unusable.
+    """
+    max_frames = getattr(model.config, "perceiver_max_num_frames", None)
+    num_frames = num_frames or processor.num_frames or max_frames
+    if num_frames and max_frames and num_frames > max_frames:
+        raise UsageError(
+            f"--num_frames {num_frames} is more frames than the model has frame embeddings for "
+            f"(config.perceiver_max_num_frames = {max_frames}): give --num_frames {max_frames} or fewer, or more "
+            "frame embeddings in --config_overrides for a model built from backbones."
+        )
+    processor.num_frames = num_frames
+
+
 def prepare_trainable(model, model_args: ModelArguments):
     """Freezing per the recipe, or LoRA adapters (everything else frozen)."""
     from ..trainer.finetune import apply_lora
@@ -232,6 +265,7 @@ def build_streams(data_args: DataArguments, processor, seed: int) -> dict:
         seed=seed,
         mask_eos=data_args.mask_eos,
         num_samples=data_args.train_num_samples_laion,
+        num_frames=processor.num_frames,
     )
     mmc4 = build_interleaved_dataset(
         data_args.mmc4_shards,
@@ -243,6 +277,7 @@ def build_streams(data_args: DataArguments, processor, seed: int) -> dict:
         seed=seed,
         mask_eos=data_args.mask_eos,
         num_samples=data_args.train_num_samples_mmc4,
+        num_frames=processor.num_frames,
     )
     return {"laion": laion, "mmc4": mmc4}
 
@@ -255,15 +290,16 @@ def steps_per_epoch(data_args: DataArguments, world_size: int) -> int:
     )
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args) -> "OpenFlamingoTrainer":  # noqa: F821
+def train(model_args: ModelArguments, data_args: DataArguments, training_args) -> OpenFlamingoTrainer:  # noqa: F821
     """Runs the whole job; returns the trainer (its `state.log_history` holds the losses)."""
     from ..trainer.collator import OpenFlamingoDataCollator
     from ..trainer.trainer import OpenFlamingoTrainer
 
     model, processor = load_model_and_processor(model_args)
+    set_num_frames(processor, model, data_args.num_frames)
     model = prepare_trainable(model, model_args)
     collator = OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
-    kwargs = dict(model=model, args=training_args, data_collator=collator, processing_class=processor)
+    kwargs = {"model": model, "args": training_args, "data_collator": collator, "processing_class": processor}
     if data_args.finetune_data:
         from ..trainer.finetune import build_finetune_dataset
 
@@ -307,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(model_args, data_args, training_args)
     except UsageError as error:
         parser.error(str(error))
-    train(model_args, data_args, training_args)
+    try:
+        train(model_args, data_args, training_args)
+    except UsageError as error:  # found once the model is loaded (e.g. --num_frames against its frame embeddings)
+        parser.error(str(error))
     return 0
 
 

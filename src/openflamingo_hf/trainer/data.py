@@ -1,20 +1,36 @@
 """
 Pretraining data for OpenFlamingo: image-caption pairs (LAION-style) and interleaved documents (MMC4-style and
-ChatGPT-generated sequences), as `datasets.IterableDataset`s of tokenized samples.
+ChatGPT-generated sequences), as `datasets.IterableDataset`s of tokenized samples. Pairs and MMC4 documents may hold
+videos in place of images.
 
 Each sample is a dict with `input_ids`, `attention_mask`, `labels` (seq_len,) (right padding to `max_length`),
-`pixel_values` (num_images, 1, 3, H, W) and `skipped` (reason -> count, see below), ready for
-`OpenFlamingoDataCollator`. The OpenFlamingo text layout and label rules come from the processor
-(`pair_text`, `interleaved_text`, `pretraining_labels`); this module only selects, orders and filters the images.
+`pixel_values` (num_media, num_frames, 3, H, W) (an image is one frame; `num_frames` is 1 without videos), when a
+media has several frames `frame_mask` (num_media, num_frames) (False on the zero frames after a media's own), and
+`skipped` (reason -> count, see below), ready for `OpenFlamingoDataCollator`. The OpenFlamingo text layout and label
+rules come from the processor (`pair_text`, `interleaved_text`, `pretraining_labels`), and so do the videos' frames
+(its `videos=` reading and uniform sampling to `num_frames`); this module only selects, orders and filters the media.
 
 Formats (see `write_pair_shard` / `write_interleaved_shard`, which write them):
 
 - Pairs: webdataset tars whose samples hold an image (`jpg`, `png` or `jpeg`) and a caption (`txt`); a JSONL file
   with `{"image": path, "caption": text}` per line (paths relative to the JSONL's folder); or a folder of
   `x.jpg` / `x.png` / `x.jpeg` + `x.txt` pairs.
+- Pairs with a video instead of an image (a sample holding both uses the video):
+  - tars: a video file member (`mp4`, `avi`, `webm`, `mkv` or `mov`: `x.mp4` + `x.txt`), or a `frames.npy` member
+    (`x.frames.npy`: a (T, H, W, C) or (T, C, H, W) uint8 NumPy array), or numbered frame members `x.0.jpg`,
+    `x.1.jpg`, ... (`png` / `jpeg` too; ordered by number);
+  - JSONL: `{"video": path, "caption": text}`, the path of a video file (or of a `.npy` frame array), or
+    `{"video": [frame paths in order], "caption": text}`;
+  - folders: `x.mp4` (or another video extension above) + `x.txt`, or a subfolder `x/` of frame images (ordered by
+    name, numbers compared as numbers) + `x.txt`.
 - Interleaved: webdataset tars whose samples hold a `json` document: MMC4 (`text_list`, `image_info` with
   `image_base64`, `similarity_matrix`) or ChatGPT-generated (`is_gpt`, `example` with `_!_IMAGEk_!_` markers,
-  `image_map`).
+  `image_map`). An MMC4 `image_info` entry may hold a video instead: `video_base64` (a video file, base64) or
+  `frames_base64` (a list of base64 frame images, in order); it takes its place in the text like an image.
+
+Videos are decoded with the processor: files through transformers' `load_video` (PyAV, `pip install av`; containers
+must record their frame count, as AVI and most MP4 do), frame lists and arrays as given; each is sampled uniformly to
+`num_frames` frames (the builders' argument, default `processor.num_frames`), shorter videos keep all their frames.
 
 Sharding: every shard (tar, JSONL file or folder) is one `datasets` shard: `datasets` splits the shard list over
 DataLoader workers, and `datasets.distributed.split_dataset_by_node` over processes, without duplicates (with fewer
@@ -22,22 +38,26 @@ shards than workers some workers get none). Give at least `num_workers * world_s
 
 Randomness (horizontal flips, the single-image rule) comes from a generator seeded from `(seed, shard file name)`
 for every pass over a shard, so results do not depend on the number of workers or processes; every pass over a
-shard (e.g. with `repeat=True`) makes the same choices; build with another `seed` to change them.
+shard (e.g. with `repeat=True`) makes the same choices; build with another `seed` to change them. A flip mirrors
+every frame of every media of the sample (so it mirrors motion too: left becomes right).
 
-Skipped data: unreadable or truncated shards, corrupt tar members, undecodable images, malformed JSON and missing
-fields are skipped, never raised and never yielded. The documents that the recipe itself rejects (too few images,
-the single-image rule, ...) are skipped the same way. Each is counted under a reason (the `*` constants below), and
-each yielded sample carries under `SKIPPED_KEY` the counts skipped since the previous sample its worker yielded
-(the last sample of a shard is held back until the shard ends, so that it also carries the shard's trailing skips),
-so that the counts reach the main process through DataLoader workers; the collator sums them per batch. Reasons
-starting with `image_` count single images dropped from MMC4 documents, not samples. Data errors (not recipe
-rejections) are also logged as warnings, the first few per reason and process.
+Skipped data: unreadable or truncated shards, corrupt tar members, undecodable images and videos, malformed JSON and
+missing fields are skipped, never raised and never yielded. The documents that the recipe itself rejects (too few
+images, the single-image rule, ...) are skipped the same way. Each is counted under a reason (the `*` constants
+below), and each yielded sample carries under `SKIPPED_KEY` the counts skipped since the previous sample its worker
+yielded (the last sample of a shard is held back until the shard ends, so that it also carries the shard's trailing
+skips), so that the counts reach the main process through DataLoader workers; the collator sums them per batch.
+Reasons starting with `image_` or `video_` count single media (`image_info` entries, images or videos) dropped from
+MMC4 documents, not samples. Data errors (not recipe rejections) are also logged as warnings, the first few per
+reason and process. What is not a data error is raised: a video met without a frame count, or without PyAV
+(`VideoSetupError`), since every video would be lost.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import glob
 import gzip
@@ -49,10 +69,12 @@ import os
 import random
 import re
 import tarfile
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -63,6 +85,7 @@ from transformers.utils import logging
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from ..processing.processing_openflamingo import uniform_frame_indices
 from .collator import SKIPPED_KEY
 
 if TYPE_CHECKING:
@@ -70,7 +93,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-Rng = Union[np.random.Generator, random.Random]
+Rng = np.random.Generator | random.Random
 
 # --- Skip reasons (keys of the `skipped` counts) ----------------------------------------------------------------
 # Data errors (also logged as warnings).
@@ -84,17 +107,21 @@ MALFORMED_FIELDS = "malformed_fields"  # a field has the wrong type or shape
 BAD_JSON = "bad_json"  # a member / line that is not valid JSON
 BAD_TEXT = "bad_text"  # a caption that is not UTF-8
 UNDECODABLE_IMAGE = "undecodable_image"  # a pair's image (or a ChatGPT document's image) does not decode
+UNDECODABLE_VIDEO = "undecodable_video"  # a pair's video (its file, frame array or a sampled frame) does not decode
 MISSING_IMAGE_FILE = "missing_image_file"  # a JSONL line's image file cannot be read
+MISSING_VIDEO_FILE = "missing_video_file"  # a JSONL line's video file (or one of its frame files) does not exist
 IMAGE_UNDECODABLE = "image_undecodable"  # an MMC4 image that does not decode (the image is dropped)
+VIDEO_UNDECODABLE = "video_undecodable"  # an MMC4 video that does not decode (the video is dropped)
 PREPROCESS_ERROR = "preprocess_error"  # any other error while preprocessing a sample
 # Recipe rejections (counted, not logged).
 NO_IMAGES = "no_images"  # no image left after filtering
 TOO_FEW_IMAGES = "too_few_images"  # fewer than `min_num_images` `<image>` tokens after truncation
 SINGLE_IMAGE_DROPPED = "single_image_dropped"  # one image: dropped with probability 0.5
 SINGLE_IMAGE_AT_END = "single_image_at_end"  # one image, and its `<image>` is the last token: no label to learn
-IMAGE_MISSING_BASE64 = "image_missing_base64"  # an MMC4 image without `image_base64` (the image is dropped)
+# The `image_*` reasons count `image_info` entries, images and videos alike.
+IMAGE_MISSING_BASE64 = "image_missing_base64"  # no `image_base64` / `video_base64` / `frames_base64` (dropped)
 IMAGE_BELOW_THRESHOLD = "image_below_threshold"  # best sentence similarity below `sim_threshold` (dropped)
-IMAGE_TOO_SMALL = "image_too_small"  # encoded image of at most 10 KB (dropped)
+IMAGE_TOO_SMALL = "image_too_small"  # encoded image, video file or any frame of at most 10 KB (dropped)
 
 _RECIPE_REASONS = frozenset(
     {NO_IMAGES, TOO_FEW_IMAGES, SINGLE_IMAGE_DROPPED, SINGLE_IMAGE_AT_END, IMAGE_MISSING_BASE64,
@@ -107,11 +134,55 @@ _SHARD_REASONS = frozenset({UNREADABLE_SHARD, TRUNCATED_TAR, CORRUPT_TAR, TAR_ER
 # in the original.
 MIN_KB = 10
 PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
+# Video containers that PyAV reads (through the processor and transformers' `load_video`), by file extension.
+VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
+# A tar member `x.frames.npy`: the frames of a video as one (T, H, W, C) / (T, C, H, W) uint8 array. Not a bare `npy`,
+# which webdatasets also use for other arrays (e.g. embeddings) next to an image.
+FRAMES_ARRAY_MEMBER = "frames.npy"
+# Tar members `x.0.jpg`, `x.1.jpg`, ...: frame n of the sample's video (webdataset keys end at the first dot, so
+# these are the extensions `0.jpg`, `1.jpg`, ... of sample `x`).
+FRAME_MEMBER = re.compile(r"(\d+)\.(?:jpg|png|jpeg)")
+# MMC4 `image_info` keys of one media, in the order they are looked for.
+MMC4_MEDIA_KEYS = ("video_base64", "frames_base64", "image_base64")
 # ChatGPT-generated documents mark images as `_!_IMAGE1_!_`, `_!_IMAGE2_!_`, ...
 GPT_IMAGE_MARKER = re.compile(r"_!_IMAGE\d+_!_")
 
 _WARNINGS_PER_REASON = 3
 _warned: Counter = Counter()
+
+
+class VideoSetupError(RuntimeError):
+    """
+    A video cannot be read because of how the run is set up (no frame count, no PyAV), not because of its data:
+    raised rather than skipped, since every video of the shards would be lost.
+    """
+
+
+@dataclass(frozen=True)
+class Video:
+    """
+    A video of a sample, as its shard holds it (decoded when the sample is preprocessed), in one of three forms:
+
+    - `data`: the bytes of a video file, `extension` its format: a container (`mp4`, `avi`, ...; PyAV probes the
+      content, the extension only names the temporary file) or `npy` / `frames.npy`, a NumPy (T, H, W, C) or
+      (T, C, H, W) uint8 array of frames;
+    - `path`: a video file on disk (a `.npy` path is a frame array, any other a container);
+    - `frames`: the frames in order, each encoded image bytes, an image file path or a PIL image.
+    """
+
+    data: bytes | None = None
+    extension: str = ""
+    path: str | None = None
+    frames: tuple[bytes | str | PIL.Image.Image, ...] | None = None
+
+    def __post_init__(self):
+        if sum(value is not None for value in (self.data, self.path, self.frames)) != 1:
+            raise ValueError("A Video holds exactly one of `data` (file bytes), `path` or `frames`.")
+        if self.frames is not None and not self.frames:
+            raise ValueError("A Video's `frames` must hold at least one frame.")
+
+
+Media = bytes | PIL.Image.Image | Video  # one media slot of a sample, undecoded: an image or a video
 
 
 class SkipSample(Exception):
@@ -194,44 +265,45 @@ def shard_rng(seed: int, shard: str) -> np.random.Generator:
 
 
 def preprocess_pair(
-    image: bytes | PIL.Image.Image,
+    media: Media,
     caption: str,
     processor: OpenFlamingoProcessor,
     max_length: int = 32,
     rng: Rng | None = None,
     mask_eos: bool = False,
+    *,
+    num_frames: int | None = None,
 ) -> dict[str, Any]:
     """
-    One image-caption pair as a training sample.
+    One image-caption (or video-caption) pair as a training sample.
 
     The text is `processor.pair_text(caption)`, tokenized with right padding to `max_length` (truncated to it);
-    labels are `processor.pretraining_labels`; the image is flipped horizontally with probability 0.5 (one
-    `rng.random()` draw).
+    labels are `processor.pretraining_labels`; the image (every frame of the video) is flipped horizontally with
+    probability 0.5 (one `rng.random()` draw). A video fills the one media slot as an image does: the model's text
+    marks it with `<image>` too (the processor's `<video>` marker becomes `<image>`), so text and labels are those
+    of an image pair; its frames are the processor's (`processor(videos=..., num_frames=...)`).
 
     Args:
-        image: encoded image bytes or a PIL image.
+        media: encoded image bytes, a PIL image or a `Video`.
         caption: the caption (`<image>` / `<|endofchunk|>` occurrences in it are removed).
         processor: an `OpenFlamingoProcessor`.
         rng: numpy `Generator` or `random.Random`; `None` draws from a fresh, unseeded generator.
         mask_eos: passed to `pretraining_labels`.
+        num_frames: frames sampled (uniformly) from a video; default `processor.num_frames`.
     Returns:
-        `input_ids`, `attention_mask`, `labels` (max_length,); `pixel_values` (1, 1, 3, H, W); `skipped` ({}).
+        `input_ids`, `attention_mask`, `labels` (max_length,); `pixel_values` (1, T, 3, H, W) (T = 1 for an image,
+        the sampled frame count for a video); `frame_mask` (1, T) (all True) when T > 1; `skipped` ({}).
     Raises:
-        SkipSample: `undecodable_image` when the bytes are not an image.
+        SkipSample: `undecodable_image` / `undecodable_video` when the media does not decode.
+        VideoSetupError: a video, but no frame count (`num_frames` and `processor.num_frames` are None) or no PyAV.
     """
     rng = np.random.default_rng() if rng is None else rng
-    pil_image = _to_rgb(image, UNDECODABLE_IMAGE)
+    decoded = _decode_media(media, processor, num_frames, UNDECODABLE_IMAGE, UNDECODABLE_VIDEO)
     flip = _coin(rng)
     text = processor.pair_text(_strip_protocol_tokens(caption, processor))
     input_ids, attention_mask = _tokenize(text, processor, max_length)
     labels = processor.pretraining_labels(input_ids[None], attention_mask[None], mask_eos=mask_eos)[0]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": _pixel_values([pil_image], processor, flip, num_slots=1),
-        SKIPPED_KEY: {},
-    }
+    return _training_sample(input_ids, attention_mask, labels, [decoded], processor, flip, {})
 
 
 def preprocess_interleaved(
@@ -243,6 +315,8 @@ def preprocess_interleaved(
     max_length: int = 256,
     rng: Rng | None = None,
     mask_eos: bool = False,
+    *,
+    num_frames: int | None = None,
 ) -> dict[str, Any]:
     """
     One interleaved document (a parsed MMC4 or ChatGPT-generated json) as a training sample.
@@ -255,17 +329,24 @@ def preprocess_interleaved(
     is the number of `<image>` tokens left; the document is rejected when it is below `min_num_images`, with
     probability 0.5 when it is 1, and when it is 1 and the last token is `<image>`.
 
+    An `image_info` entry may be a video instead (`video_base64`: a video file; `frames_base64`: frame images): it
+    is one media slot, under the same rules as an image (its `<image>` marker, the threshold, the 10 KB rule on the
+    file or on every frame, dropping when it does not decode, `max_num_images` and `min_num_images` counting it),
+    its frames sampled uniformly to `num_frames` (default `processor.num_frames`) by the processor.
+
     ChatGPT documents (`is_gpt`): see `_preprocess_gpt_document`.
 
-    Random draws from `rng`: one for the flip (shared by all images of the sample), then one for the single-image
-    rule when it applies.
+    Random draws from `rng`: one for the flip (shared by all images and frames of the sample), then one for the
+    single-image rule when it applies.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (max_length,) (labels: `pretraining_labels(..., interleaved=True)`);
-        `pixel_values` (num_images, 1, 3, H, W), the images the text uses (the collator pads); `skipped`: counts of
-        the images dropped (`image_*` reasons).
+        `pixel_values` (num_images, T, 3, H, W), the media the text uses, in text order (the collator pads; T is
+        the most frames of one media, 1 without videos); `frame_mask` (num_images, T) when T > 1 (an image has one
+        real frame); `skipped`: counts of the media dropped (`image_*` / `video_*` reasons).
     Raises:
-        SkipSample: the document is not used (its `reason` says why; its `counts` hold the dropped images).
+        SkipSample: the document is not used (its `reason` says why; its `counts` hold the dropped media).
+        VideoSetupError: a video, but no frame count or no PyAV (see `preprocess_pair`).
     """
     rng = np.random.default_rng() if rng is None else rng
     if "is_gpt" in document:
@@ -273,35 +354,19 @@ def preprocess_interleaved(
                                         mask_eos)
     sentences, image_info, similarities = _mmc4_fields(document, processor)
     dropped: Counter = Counter()
-    candidates = []  # (sentence index, encoded image)
-    for info, row in zip(image_info, similarities):
-        sentence = int(np.argmax(row))
-        if "image_base64" not in info:
-            dropped[IMAGE_MISSING_BASE64] += 1
-        elif row[sentence] < sim_threshold:
-            dropped[IMAGE_BELOW_THRESHOLD] += 1
-        else:
-            try:
-                encoded = base64.b64decode(info["image_base64"])
-            except (binascii.Error, TypeError, ValueError):
-                dropped[IMAGE_UNDECODABLE] += 1
-                continue
-            if len(encoded) // 1000 <= MIN_KB:
-                dropped[IMAGE_TOO_SMALL] += 1
-            else:
-                candidates.append((sentence, encoded))
+    candidates = _mmc4_candidates(image_info, similarities, sim_threshold, dropped)
     # The text gets the markers in sentence order, so the images must be in that order too: the k-th `<image>` in
     # the text is the k-th image. (The original kept them in `image_info` order, which pairs markers and images
     # wrongly whenever the two orders differ.) `sorted` is stable: images on one sentence keep their order.
     candidates.sort(key=lambda candidate: candidate[0])
-    kept = []  # (sentence index, PIL image), at most max_num_images
-    for sentence, encoded in candidates:
+    kept = []  # (sentence index, PIL image or video frames), at most max_num_images
+    for sentence, media in candidates:
         if len(kept) == max_num_images:
             break
         try:
-            kept.append((sentence, _to_rgb(encoded, IMAGE_UNDECODABLE)))
-        except SkipSample:
-            dropped[IMAGE_UNDECODABLE] += 1
+            kept.append((sentence, _decode_media(media, processor, num_frames, IMAGE_UNDECODABLE, VIDEO_UNDECODABLE)))
+        except SkipSample as skipped:
+            dropped[skipped.reason] += 1
     if not kept:
         raise SkipSample(NO_IMAGES, counts=dropped)
 
@@ -315,8 +380,63 @@ def preprocess_interleaved(
         raise SkipSample(SINGLE_IMAGE_DROPPED, counts=dropped)
     if num_images == 1 and int(input_ids[-1]) == processor.image_token_id:
         raise SkipSample(SINGLE_IMAGE_AT_END, counts=dropped)
-    return _interleaved_sample(input_ids, attention_mask, [image for _, image in kept[:num_images]], processor,
-                               flip, max_num_images, mask_eos, dropped)
+    return _interleaved_sample(input_ids, attention_mask, [media for _, media in kept[:num_images]], processor,
+                               flip, mask_eos, dropped)
+
+
+def _mmc4_candidates(
+    image_info: list[Mapping], similarities: list[np.ndarray], sim_threshold: float, dropped: Counter
+) -> list[tuple[int, Media]]:
+    """
+    The `image_info` entries that pass the recipe's filters, as (sentence index, undecoded media), in `image_info`
+    order; the others are counted in `dropped`.
+    """
+    candidates = []
+    for info, row in zip(image_info, similarities):
+        sentence = int(np.argmax(row))
+        key = next((key for key in MMC4_MEDIA_KEYS if key in info), None)
+        if key is None:
+            dropped[IMAGE_MISSING_BASE64] += 1
+        elif row[sentence] < sim_threshold:
+            dropped[IMAGE_BELOW_THRESHOLD] += 1
+        else:
+            try:
+                media = _mmc4_media(info[key], key)
+            except SkipSample as skipped:
+                dropped[skipped.reason] += 1
+                continue
+            if _encoded_kb(media) <= MIN_KB:
+                dropped[IMAGE_TOO_SMALL] += 1
+            else:
+                candidates.append((sentence, media))
+    return candidates
+
+
+def _mmc4_media(value: Any, key: str) -> Media:
+    """The media of one `image_info` entry: image bytes (`image_base64`) or a `Video` (the other keys)."""
+    reason = IMAGE_UNDECODABLE if key == "image_base64" else VIDEO_UNDECODABLE
+    if key == "frames_base64":
+        if not isinstance(value, list) or not value:
+            raise SkipSample(reason, "'frames_base64' must be a non-empty list of base64 images")
+        return Video(frames=tuple(_b64decode(frame, reason) for frame in value))
+    encoded = _b64decode(value, reason)
+    return encoded if key == "image_base64" else Video(data=encoded, extension="video")
+
+
+def _b64decode(value: Any, reason: str) -> bytes:
+    try:
+        return base64.b64decode(value)
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise SkipSample(reason, f"not base64: {error}") from None
+
+
+def _encoded_kb(media: Media) -> int:
+    """Encoded size in (decimal) kilobytes, as the 10 KB rule measures it: a video file's, or its smallest frame's."""
+    if isinstance(media, bytes):
+        return len(media) // 1000
+    if media.frames is not None:
+        return min(len(frame) for frame in media.frames) // 1000
+    return len(media.data) // 1000
 
 
 def _preprocess_gpt_document(
@@ -360,8 +480,7 @@ def _preprocess_gpt_document(
     num_images = min(int((input_ids == processor.image_token_id).sum()), num_used)
     if num_images < max(min_num_images, 1):
         raise SkipSample(TOO_FEW_IMAGES, f"{num_images} image(s) after truncation")
-    return _interleaved_sample(input_ids, attention_mask, images[:num_images], processor, flip, max_num_images,
-                               mask_eos, Counter())
+    return _interleaved_sample(input_ids, attention_mask, images[:num_images], processor, flip, mask_eos, Counter())
 
 
 def _gpt_image_bytes(image_map: Mapping[str, Any], marker: str) -> bytes:
@@ -375,7 +494,7 @@ def _gpt_image_bytes(image_map: Mapping[str, Any], marker: str) -> bytes:
 
 
 def _drop_one_trailing_space(text: str) -> str:
-    return text[:-1] if text.endswith(" ") else text
+    return text.removesuffix(" ")
 
 
 def _mmc4_fields(
@@ -409,24 +528,36 @@ def _mmc4_fields(
 def _interleaved_sample(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    images: list[PIL.Image.Image],
+    media: list[PIL.Image.Image | torch.Tensor],
     processor: OpenFlamingoProcessor,
     flip: bool,
-    max_num_images: int,
     mask_eos: bool,
     dropped: Mapping[str, int],
 ) -> dict[str, Any]:
     labels = processor.pretraining_labels(input_ids[None], attention_mask[None], interleaved=True,
                                           mask_eos=mask_eos)[0]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        # Only the images the text uses: the collator pads each batch to its longest row (the original padded every
-        # document to max_num_images; the model refuses image slots that no <image> token of the batch refers to).
-        "pixel_values": _pixel_values(images, processor, flip, num_slots=len(images)),
-        SKIPPED_KEY: dict(dropped),
-    }
+    # Only the media the text uses: the collator pads each batch to its longest row (the original padded every
+    # document to max_num_images; the model refuses image slots that no <image> token of the batch refers to).
+    return _training_sample(input_ids, attention_mask, labels, media, processor, flip, dropped)
+
+
+def _training_sample(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    media: list[PIL.Image.Image | torch.Tensor],
+    processor: OpenFlamingoProcessor,
+    flip: bool,
+    skipped: Mapping[str, int],
+) -> dict[str, Any]:
+    """The sample dict: the tokens (seq_len,), `pixel_values` (and `frame_mask` when a media has several frames)."""
+    pixel_values, frame_mask = _pixel_values(media, processor, flip)
+    sample = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+              "pixel_values": pixel_values}
+    if frame_mask is not None:
+        sample["frame_mask"] = frame_mask
+    sample[SKIPPED_KEY] = dict(skipped)
+    return sample
 
 
 def _strip_protocol_tokens(text: str, processor: OpenFlamingoProcessor) -> str:
@@ -446,7 +577,7 @@ def _to_rgb(image: bytes | PIL.Image.Image, reason: str) -> PIL.Image.Image:
     try:
         with PIL.Image.open(io.BytesIO(image)) as opened:
             return opened.convert("RGB")  # decodes the whole image
-    except Exception as error:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
+    except Exception as error:  # noqa: BLE001 (PIL raises many types for corrupt data: OSError, SyntaxError, ...)
         raise SkipSample(reason, f"{type(error).__name__}: {error}") from None
 
 
@@ -464,15 +595,110 @@ def _tokenize(text: str, processor: OpenFlamingoProcessor, max_length: int) -> t
 
 
 def _pixel_values(
-    images: list[PIL.Image.Image], processor: OpenFlamingoProcessor, flip: bool, num_slots: int
-) -> torch.Tensor:
-    """(num_slots, 1, 3, H, W): the processed images (all flipped or none), then zeros."""
-    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    media: list[PIL.Image.Image | torch.Tensor], processor: OpenFlamingoProcessor, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The pixels of a sample's media, laid out as the processor lays out one sample's.
+
+    Args:
+        media: decoded media in text order: PIL images, and videos' processed frames (T, 3, H, W) (`_video_pixels`).
+    Returns:
+        `pixel_values` (num_media, max_frames, 3, H, W): the images processed (one frame each) and the videos'
+        frames, zero frames after a media's own; all flipped horizontally or none. `frame_mask`
+        (num_media, max_frames), True on real frames, when `max_frames > 1`; else None.
+    """
+    images = [item for item in media if isinstance(item, PIL.Image.Image)]
+    processed = iter(processor.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else [])
+    frames = [next(processed)[None] if isinstance(item, PIL.Image.Image) else item for item in media]
+    max_frames = max(len(item) for item in frames)
+    pixels = frames[0].new_zeros((len(frames), max_frames, *frames[0].shape[1:]))
+    frame_mask = torch.zeros(pixels.shape[:2], dtype=torch.bool)
+    for index, item in enumerate(frames):
+        pixels[index, : len(item)] = item
+        frame_mask[index, : len(item)] = True
     if flip:
         pixels = pixels.flip(-1)
-    if len(images) < num_slots:
-        pixels = torch.cat([pixels, pixels.new_zeros((num_slots - len(images), *pixels.shape[1:]))])
-    return pixels.unsqueeze(1)
+    return pixels, frame_mask if max_frames > 1 else None
+
+
+# --- Videos: decoded by the processor, which owns reading files, frame layouts and uniform sampling -------------
+
+
+def _decode_media(
+    media: Media, processor: OpenFlamingoProcessor, num_frames: int | None, image_reason: str, video_reason: str
+) -> PIL.Image.Image | torch.Tensor:
+    """An RGB PIL image, or a video's processed frames (T, 3, H, W); `SkipSample(image_reason / video_reason)`."""
+    if isinstance(media, Video):
+        return _video_pixels(media, processor, num_frames, video_reason)
+    return _to_rgb(media, image_reason)
+
+
+def _video_pixels(video: Video, processor: OpenFlamingoProcessor, num_frames: int | None, reason: str) -> torch.Tensor:
+    """
+    The processed frames of one video, (T, 3, H, W) with T = min(num_frames, the video's frames): what
+    `processor(videos=..., num_frames=num_frames)` gives for it.
+
+    Raises:
+        SkipSample(reason): the video (or a sampled frame) does not decode.
+        VideoSetupError: no frame count (`num_frames` and `processor.num_frames` are None), or no PyAV.
+    """
+    num_frames = processor.num_frames if num_frames is None else num_frames
+    if num_frames is None:
+        raise VideoSetupError(
+            "The shards hold a video but no frame count is set: pass num_frames=N to build_pair_dataset / "
+            "build_interleaved_dataset (openflamingo-train --num_frames N) or set processor.num_frames. Use the "
+            "model's config.perceiver_max_num_frames, or for a model without frame embeddings the frames to "
+            "flatten into one media slot."
+        )
+    try:
+        with _video_source(video, num_frames, reason) as source:
+            pixels = processor(videos=[[source]], num_frames=num_frames, return_tensors="pt")["pixel_values"]
+    except ImportError as error:
+        raise VideoSetupError(f"Reading the shards' video files needs PyAV: `pip install av` ({error}).") from error
+    except (ValueError, TypeError) as error:  # the processor's errors for videos it cannot read
+        raise SkipSample(reason, str(error)) from None
+    return pixels[0, 0]
+
+
+@contextlib.contextmanager
+def _video_source(video: Video, num_frames: int, reason: str) -> Iterator[str | np.ndarray | list]:
+    """
+    What the processor's `videos=` takes for `video`: a file path (a temporary file for bytes, since transformers'
+    `load_video` reads paths and URLs only; removed afterwards), a frame array, or decoded frames.
+    """
+    extension = video.extension or os.path.splitext(video.path or "")[1][1:]
+    if extension.endswith("npy"):
+        yield _frame_array(video, reason)
+    elif video.frames is not None:
+        # Decode only the frames that the processor's sampling keeps (it then keeps all of these).
+        indices = uniform_frame_indices(len(video.frames), num_frames)
+        yield [_to_rgb(_read_frame(video.frames[int(index)], reason), reason) for index in indices]
+    elif video.path is not None:
+        yield video.path
+    else:
+        with tempfile.NamedTemporaryFile(suffix=f".{extension or 'video'}") as file:
+            file.write(video.data)
+            file.flush()
+            yield file.name
+
+
+def _frame_array(video: Video, reason: str) -> np.ndarray:
+    """The frames of a `.npy` video, (T, H, W, C) or (T, C, H, W) as stored (the processor samples and checks them)."""
+    try:
+        return np.load(video.path if video.path is not None else io.BytesIO(video.data), allow_pickle=False)
+    except Exception as error:  # noqa: BLE001 (numpy raises ValueError, OSError, EOFError, ... for non-.npy data)
+        raise SkipSample(reason, f"not a .npy frame array ({type(error).__name__}: {error})") from None
+
+
+def _read_frame(frame: bytes | str | PIL.Image.Image, reason: str) -> bytes | PIL.Image.Image:
+    """A frame's encoded bytes (read from its file when it is a path) or PIL image."""
+    if not isinstance(frame, str):
+        return frame
+    try:
+        with open(frame, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise SkipSample(reason, str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -539,7 +765,9 @@ class _ShardReader:
                     self.skip(skipped.reason, where, skipped.detail)
                     self.add_counts(skipped.counts, where)
                     continue
-                except Exception as error:  # e.g. an image the image processor cannot handle: skip, as the original
+                except VideoSetupError:
+                    raise  # the run's setup, not this sample: every video would be skipped
+                except Exception as error:  # noqa: BLE001 (e.g. an image the image processor cannot handle)
                     self.skip(PREPROCESS_ERROR, where, f"{type(error).__name__}: {error}")
                     continue
                 self.add_counts(sample.pop(SKIPPED_KEY, {}), where)
@@ -599,9 +827,9 @@ def _tar_stops_early(path: str) -> bool:
 
 
 class _PairReader(_TarReader):
-    """Image-caption pairs from tars, JSONL files and image folders (chosen per shard)."""
+    """Image- or video-caption pairs from tars, JSONL files and folders (chosen per shard)."""
 
-    def records(self, shard: str) -> Iterator[tuple[str, tuple[bytes, str]]]:
+    def records(self, shard: str) -> Iterator[tuple[str, tuple[Media, str]]]:
         if os.path.isdir(shard):
             return self._folder_records(shard)
         if shard.endswith(".jsonl"):
@@ -611,21 +839,23 @@ class _PairReader(_TarReader):
     def _tar_records(self, shard: str):
         for sample in self.tar_samples(shard):
             where = f"sample {sample.get('__key__')!r} of {shard}"
-            extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
-            if extension is None or "txt" not in sample:
-                self.skip(MISSING_FIELDS, where, f"needs an image ({'/'.join(PAIR_IMAGE_EXTENSIONS)}) and a txt")
+            media = _tar_media(sample)
+            if media is None or "txt" not in sample:
+                videos = f"{'/'.join(VIDEO_EXTENSIONS)}, {FRAMES_ARRAY_MEMBER} or frames 0.jpg, 1.jpg, ..."
+                self.skip(MISSING_FIELDS, where,
+                          f"needs an image ({'/'.join(PAIR_IMAGE_EXTENSIONS)}) or a video ({videos}), and a txt")
                 continue
             try:
                 caption = sample["txt"].decode("utf-8")
             except UnicodeDecodeError as error:
                 self.skip(BAD_TEXT, where, str(error))
                 continue
-            yield where, (sample[extension], caption)
+            yield where, (media, caption)
 
     def _jsonl_records(self, shard: str):
         folder = os.path.dirname(shard)
         try:
-            file = open(shard, "rb")
+            file = open(shard, "rb")  # noqa: SIM115 (closed by the `with` below; an error here is a skip)
         except OSError as error:
             self.skip(UNREADABLE_SHARD, f"shard {shard}", str(error))
             return
@@ -639,19 +869,12 @@ class _PairReader(_TarReader):
                 except ValueError as error:
                     self.skip(BAD_JSON, where, str(error))
                     continue
-                if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-                    self.skip(MISSING_FIELDS, where, "needs 'image' and 'caption'")
-                    continue
-                if not isinstance(entry["image"], str) or not isinstance(entry["caption"], str):
-                    self.skip(MALFORMED_FIELDS, where, "'image' and 'caption' must be strings")
-                    continue
                 try:
-                    with open(os.path.join(folder, entry["image"]), "rb") as image_file:
-                        encoded = image_file.read()
-                except OSError as error:
-                    self.skip(MISSING_IMAGE_FILE, where, str(error))
+                    media = _jsonl_media(entry, folder)
+                except SkipSample as skipped:
+                    self.skip(skipped.reason, where, skipped.detail)
                     continue
-                yield where, (encoded, entry["caption"])
+                yield where, (media, entry["caption"])
 
     def _folder_records(self, shard: str):
         try:
@@ -659,25 +882,114 @@ class _PairReader(_TarReader):
         except OSError as error:
             self.skip(UNREADABLE_SHARD, f"shard {shard}", str(error))
             return
-        groups: dict[str, dict[str, str]] = {}
-        for name in names:
-            stem, extension = os.path.splitext(name)
-            extension = extension[1:].lower()
-            if extension in PAIR_IMAGE_EXTENSIONS or extension == "txt":
-                groups.setdefault(stem, {}).setdefault(extension, os.path.join(shard, name))
-        for stem, files in groups.items():
+        for stem, files in _folder_groups(shard, names).items():
             where = f"{stem!r} in {shard}"
-            extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in files), None)
-            if extension is None or "txt" not in files:
-                self.skip(MISSING_FIELDS, where, "needs an image and a .txt file")
+            media = _folder_media(files)
+            if media is None or "txt" not in files:
+                self.skip(MISSING_FIELDS, where, "needs an image, a video file or a folder of frames, and a .txt file")
                 continue
             try:
-                with open(files[extension], "rb") as image_file, open(files["txt"], "rb") as text_file:
-                    encoded, caption = image_file.read(), text_file.read().decode("utf-8")
+                if isinstance(media, str):  # an image file: read here, as JSONL images are
+                    with open(media, "rb") as image_file:
+                        media = image_file.read()
+                with open(files["txt"], "rb") as text_file:
+                    caption = text_file.read().decode("utf-8")
             except (OSError, UnicodeDecodeError) as error:
                 self.skip(BAD_TEXT if isinstance(error, UnicodeDecodeError) else MISSING_IMAGE_FILE, where, str(error))
                 continue
-            yield where, (encoded, caption)
+            yield where, (media, caption)
+
+
+def _tar_media(sample: Mapping[str, Any]) -> Media | None:
+    """
+    The media of a pair tar sample, looked for in this order: a video file member (`mp4`, ..., `frames.npy`),
+    numbered frame members (`0.jpg`, `1.jpg`, ...), an image (`jpg`, `png`, `jpeg`); None when there is none.
+    """
+    extension = next((ext for ext in (*VIDEO_EXTENSIONS, FRAMES_ARRAY_MEMBER) if ext in sample), None)
+    if extension is not None:
+        return Video(data=sample[extension], extension=extension)
+    frames = sorted((int(match.group(1)), key) for key in sample if (match := FRAME_MEMBER.fullmatch(key)))
+    if frames:
+        return Video(frames=tuple(sample[key] for _, key in frames))
+    extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
+    return None if extension is None else sample[extension]
+
+
+def _jsonl_media(entry: Any, folder: str) -> Media:
+    """
+    The media of a JSONL pair line (`video` when it has one, else `image`; paths relative to `folder`): image bytes
+    or a `Video`. Raises `SkipSample` (missing / malformed fields, missing files).
+    """
+    if not isinstance(entry, dict) or "caption" not in entry or not ("image" in entry or "video" in entry):
+        raise SkipSample(MISSING_FIELDS, "needs 'caption' and 'image' or 'video'")
+    if not isinstance(entry["caption"], str):
+        raise SkipSample(MALFORMED_FIELDS, "'caption' must be a string")
+    if "video" in entry:
+        return _jsonl_video(entry["video"], folder)
+    if not isinstance(entry["image"], str):
+        raise SkipSample(MALFORMED_FIELDS, "'image' must be a string")
+    try:
+        with open(os.path.join(folder, entry["image"]), "rb") as image_file:
+            return image_file.read()
+    except OSError as error:
+        raise SkipSample(MISSING_IMAGE_FILE, str(error)) from None
+
+
+def _jsonl_video(value: Any, folder: str) -> Video:
+    """A JSONL `video`: a video file path, or a list of frame paths. Files are checked here, read when decoded."""
+    is_path_list = isinstance(value, list) and value and all(isinstance(path, str) for path in value)
+    if not isinstance(value, str) and not is_path_list:
+        raise SkipSample(MALFORMED_FIELDS, "'video' must be a video file path or a non-empty list of frame paths")
+    paths = [os.path.join(folder, path) for path in ([value] if isinstance(value, str) else value)]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise SkipSample(MISSING_VIDEO_FILE, f"no such file: {missing[0]}" + (" ..." if len(missing) > 1 else ""))
+    return Video(path=paths[0]) if isinstance(value, str) else Video(frames=tuple(paths))
+
+
+def _folder_groups(shard: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """
+    A pair folder's files by stem: `{"x": {"png": path, "txt": path, ...}}`; a subfolder `x/` that holds images is
+    `{"x": {"frames": path}}`. Other files are ignored.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    for name in names:
+        path = os.path.join(shard, name)
+        if os.path.isdir(path):
+            if _frame_files(path):
+                groups.setdefault(name, {}).setdefault("frames", path)
+            continue
+        stem, extension = os.path.splitext(name)
+        extension = extension[1:].lower()
+        if extension in (*PAIR_IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS, "txt"):
+            groups.setdefault(stem, {}).setdefault(extension, path)
+    return groups
+
+
+def _folder_media(files: Mapping[str, str]) -> str | Video | None:
+    """A folder pair's media: a `Video` (a video file, else a frames subfolder), else an image file path."""
+    extension = next((ext for ext in VIDEO_EXTENSIONS if ext in files), None)
+    if extension is not None:
+        return Video(path=files[extension])
+    if "frames" in files:
+        return Video(frames=tuple(_frame_files(files["frames"])))
+    extension = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in files), None)
+    return None if extension is None else files[extension]
+
+
+def _frame_files(folder: str) -> list[str]:
+    """The image files of a frames folder, in frame order: by name, numbers compared as numbers (`2.png` < `10.png`)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    names = [name for name in names if os.path.splitext(name)[1][1:].lower() in PAIR_IMAGE_EXTENSIONS]
+    return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
+
+
+def _natural_key(name: str) -> list[str | int]:
+    # `re.split` with a group alternates text and digit runs, so keys compare text with text and numbers with numbers.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 class _InterleavedReader(_TarReader):
@@ -715,11 +1027,14 @@ def build_pair_dataset(
     repeat: bool = False,
     num_samples: int | None = None,
     shuffle_buffer_size: int = 0,
+    num_frames: int | None = None,
 ) -> datasets.IterableDataset:
     """
-    Image-caption pairs (see `preprocess_pair`) from webdataset tars (`jpg`/`png`/`jpeg` + `txt`; other samples
-    are skipped), JSONL files (`.jsonl`: `{"image": path relative to the file's folder, "caption": ...}` per line)
-    and image folders (`x.jpg` + `x.txt`), one `datasets` shard per tar / file / folder.
+    Image-caption and video-caption pairs (see `preprocess_pair`) from webdataset tars (`jpg`/`png`/`jpeg`, or a
+    video: `mp4`/`avi`/`webm`/`mkv`/`mov`, `frames.npy` or frames `0.jpg`, `1.jpg`, ...; and `txt`; other samples
+    are skipped), JSONL files (`.jsonl`: `{"image": path, "caption": ...}` or `{"video": path or [frame paths],
+    "caption": ...}` per line, paths relative to the file's folder) and folders (`x.jpg`, `x.mp4` or a frames
+    subfolder `x/`, + `x.txt`), one `datasets` shard per tar / file / folder. See the module docstring.
 
     Args:
         shards: shard spec, see `expand_shards`.
@@ -728,12 +1043,15 @@ def build_pair_dataset(
         seed: seeds the flips (per shard, see the module docstring) and the shuffling.
         mask_eos: passed to `processor.pretraining_labels`.
         repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+        num_frames: frames sampled uniformly from each video (shorter ones keep all theirs); default
+            `processor.num_frames`. Needed (here or there) when the shards hold videos.
     Returns:
         `datasets.IterableDataset` of dicts with `input_ids`, `attention_mask`, `labels`, `pixel_values`,
-        `skipped`.
+        `frame_mask` (videos of several frames), `skipped`.
     """
+    _check_num_frames(num_frames)
     preprocess = functools.partial(_preprocess_pair_record, processor=processor, max_length=max_length,
-                                   mask_eos=mask_eos)
+                                   mask_eos=mask_eos, num_frames=num_frames)
     return _build(_PairReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
                   shuffle_buffer_size)
 
@@ -751,10 +1069,12 @@ def build_interleaved_dataset(
     repeat: bool = False,
     num_samples: int | None = None,
     shuffle_buffer_size: int = 0,
+    num_frames: int | None = None,
 ) -> datasets.IterableDataset:
     """
-    Interleaved documents (see `preprocess_interleaved`) from webdataset tars of `json` samples (MMC4 or
-    ChatGPT-generated), one `datasets` shard per tar.
+    Interleaved documents (see `preprocess_interleaved`) from webdataset tars of `json` samples (MMC4, whose
+    `image_info` entries may be videos: `video_base64` / `frames_base64`; or ChatGPT-generated), one `datasets`
+    shard per tar.
 
     Args:
         shards: shard spec, see `expand_shards`.
@@ -762,21 +1082,30 @@ def build_interleaved_dataset(
         sim_threshold, min_num_images, max_num_images, max_length, mask_eos: see `preprocess_interleaved`.
         seed: seeds the flips and the single-image rule (per shard, see the module docstring) and the shuffling.
         repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+        num_frames: frames sampled uniformly from each video; default `processor.num_frames` (see
+            `build_pair_dataset`).
     Returns:
         `datasets.IterableDataset` of dicts with `input_ids`, `attention_mask`, `labels`, `pixel_values`
-        (num_images, 1, 3, H, W) (the images the text uses), `skipped`.
+        (num_images, T, 3, H, W) (the media the text uses; T = 1 without videos), `frame_mask` (with videos of
+        several frames), `skipped`.
     """
+    _check_num_frames(num_frames)
     preprocess = functools.partial(
         _preprocess_document_record, processor=processor, sim_threshold=sim_threshold, min_num_images=min_num_images,
-        max_num_images=max_num_images, max_length=max_length, mask_eos=mask_eos,
+        max_num_images=max_num_images, max_length=max_length, mask_eos=mask_eos, num_frames=num_frames,
     )
     return _build(_InterleavedReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
                   shuffle_buffer_size)
 
 
-def _preprocess_pair_record(record: tuple[bytes, str], rng: Rng, **kwargs) -> dict[str, Any]:
-    image, caption = record
-    return preprocess_pair(image, caption, rng=rng, **kwargs)
+def _check_num_frames(num_frames: int | None) -> None:
+    if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
+        raise ValueError(f"num_frames must be a positive integer (frames per video) or None, got {num_frames!r}.")
+
+
+def _preprocess_pair_record(record: tuple[Media, str], rng: Rng, **kwargs) -> dict[str, Any]:
+    media, caption = record
+    return preprocess_pair(media, caption, rng=rng, **kwargs)
 
 
 def _preprocess_document_record(record: dict[str, Any], rng: Rng, **kwargs) -> dict[str, Any]:
@@ -837,14 +1166,25 @@ def encode_image_base64(image: PIL.Image.Image | bytes, image_format: str = "PNG
     return base64.b64encode(encoded).decode("ascii")
 
 
+def encode_video_base64(video: str | os.PathLike | bytes) -> str:
+    """Base64 text of a video file (its path, or its bytes), for the `video_base64` of an MMC4 `image_info` entry."""
+    if not isinstance(video, bytes):
+        with open(video, "rb") as file:
+            video = file.read()
+    return base64.b64encode(video).decode("ascii")
+
+
 def write_pair_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]]) -> int:
     """
-    Writes image-caption pairs as a webdataset tar read by `build_pair_dataset`.
+    Writes image-caption (or video-caption) pairs as a webdataset tar read by `build_pair_dataset`.
 
     Args:
-        examples: dicts with `image` (a PIL image, or encoded bytes written as they are), `caption` (str), and
-            optionally `key` (default: the example's index, zero-padded) and `image_ext` (`"png"` (default),
-            `"jpg"` or `"jpeg"`: the member's extension and, for PIL images, the encoding).
+        examples: dicts with `caption` (str), and `image` (a PIL image, or encoded bytes written as they are) or
+            `video`, and optionally `key` (default: the example's index, zero-padded) and `image_ext` (`"png"`
+            (default), `"jpg"` or `"jpeg"`: the member's extension and, for PIL images, the encoding). A `video` is
+            a video file path (written as member `x.<its extension>`), a list of frames (PIL images or encoded
+            bytes, written as members `x.0.<image_ext>`, `x.1.<image_ext>`, ...) or a (T, H, W, C) uint8 array
+            (member `x.frames.npy`).
     Returns:
         The number of samples written.
     """
@@ -852,13 +1192,33 @@ def write_pair_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, An
     with wds.TarWriter(os.fspath(path), encoder=False) as writer:
         for index, example in enumerate(examples):
             extension = example.get("image_ext", "png")
-            image = example["image"]
-            if not isinstance(image, bytes):
-                image = encode_image(image, "PNG" if extension == "png" else "JPEG")
-            writer.write({"__key__": str(example.get("key", f"{index:09d}")), extension: image,
+            if "video" in example:
+                members = _video_members(example["video"], extension)
+            else:
+                members = {extension: _encoded(example["image"], extension)}
+            writer.write({"__key__": str(example.get("key", f"{index:09d}")), **members,
                           "txt": example["caption"].encode("utf-8")})
             count += 1
     return count
+
+
+def _encoded(image: bytes | PIL.Image.Image, extension: str) -> bytes:
+    return image if isinstance(image, bytes) else encode_image(image, "PNG" if extension == "png" else "JPEG")
+
+
+def _video_members(video: Any, image_ext: str) -> dict[str, bytes]:
+    """The tar members of one video (see `write_pair_shard`), extension -> bytes."""
+    if isinstance(video, (str, os.PathLike)):
+        extension = os.path.splitext(os.fspath(video))[1][1:].lower()
+        if extension not in VIDEO_EXTENSIONS:
+            raise ValueError(f"{video}: a video file must end in one of {', '.join(VIDEO_EXTENSIONS)}.")
+        with open(video, "rb") as file:
+            return {extension: file.read()}
+    if isinstance(video, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, video, allow_pickle=False)
+        return {FRAMES_ARRAY_MEMBER: buffer.getvalue()}
+    return {f"{index}.{image_ext}": _encoded(frame, image_ext) for index, frame in enumerate(video)}
 
 
 def write_interleaved_shard(path: str | os.PathLike, documents: Iterable[Mapping[str, Any] | str | bytes]) -> int:
@@ -867,7 +1227,8 @@ def write_interleaved_shard(path: str | os.PathLike, documents: Iterable[Mapping
 
     Args:
         documents: JSON objects in the MMC4 format (`text_list`, `image_info` entries with `image_base64`, see
-            `encode_image_base64`, `similarity_matrix`) or the ChatGPT one (`is_gpt`, `example`, `image_map`);
+            `encode_image_base64`, or a video's `video_base64` (`encode_video_base64`) / `frames_base64` (a list of
+            `encode_image_base64`), `similarity_matrix`) or the ChatGPT one (`is_gpt`, `example`, `image_map`);
             `str` / `bytes` are written as they are (e.g. to test malformed JSON). Keys are the zero-padded index.
     Returns:
         The number of samples written.
@@ -886,10 +1247,13 @@ def write_interleaved_shard(path: str | os.PathLike, documents: Iterable[Mapping
 
 __all__ = [
     "SkipSample",
+    "Video",
+    "VideoSetupError",
     "build_interleaved_dataset",
     "build_pair_dataset",
     "encode_image",
     "encode_image_base64",
+    "encode_video_base64",
     "expand_shards",
     "finalize_dataset",
     "preprocess_interleaved",
