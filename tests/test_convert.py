@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPVisionModel,
+    MptForCausalLM,
     PreTrainedTokenizerFast,
     pipeline,
 )
@@ -46,13 +48,16 @@ from openflamingo_hf.tiny_models import (
     tiny_vision_config,
 )
 
-FAMILIES = ("mosaic_gpt", "mpt", "gpt_neox", "llama")
+# "mpt7b": the 9B release's LM, MPT-7B, as this package builds it (MosaicGPT without q/k LayerNorm, whose original
+# checkpoints use MPT's names); "mpt": transformers' MptForCausalLM, a backbone users may still choose.
+FAMILIES = ("mosaic_gpt", "mpt7b", "mpt", "gpt_neox", "llama")
 IMG, EOC = TINY_MEDIA_TOKEN_ID, TINY_EOC_TOKEN_ID
 # The original checkpoint layout of each family: decoder-layer list and the LM keys a trainable-only file holds.
-LAYERS = {"mosaic_gpt": "transformer.blocks", "mpt": "transformer.blocks", "gpt_neox": "gpt_neox.layers",
-          "llama": "model.layers"}
+LAYERS = {"mosaic_gpt": "transformer.blocks", "mpt7b": "transformer.blocks", "mpt": "transformer.blocks",
+          "gpt_neox": "gpt_neox.layers", "llama": "model.layers"}
 EMBEDDINGS = {
     "mosaic_gpt": ["lang_encoder.transformer.wte.weight"],
+    "mpt7b": ["lang_encoder.transformer.wte.weight"],
     "mpt": ["lang_encoder.transformer.wte.weight"],
     "gpt_neox": ["lang_encoder.gpt_neox.embed_in.weight", "lang_encoder.embed_out.weight"],
     "llama": ["lang_encoder.model.embed_tokens.weight"],
@@ -63,13 +68,15 @@ def text_config(family, vocab_size=TINY_VOCAB_SIZE):
     if family == "mosaic_gpt":
         return MosaicGPTConfig(d_model=64, n_heads=4, n_layers=4, mlp_ratio=2, max_seq_len=256, vocab_size=vocab_size,
                                pad_token_id=TINY_PAD_TOKEN_ID, eos_token_id=0, bos_token_id=0)
+    if family == "mpt7b":  # as the 9B release config builds MPT-7B (expansion_ratio 4, as MPT-7B and MptForCausalLM)
+        return MosaicGPTConfig.from_mpt_config(tiny_text_config("mpt", vocab_size=vocab_size, expansion_ratio=4))
     return tiny_text_config(family, vocab_size=vocab_size)
 
 
-def build(family, seed=0, interval=2):
+def build(family, seed=0, interval=2, config=None):
     """A tiny model with every weight random, gates included (zero gates would hide the gated blocks)."""
     torch.manual_seed(seed)
-    config = tiny_openflamingo_config(family, cross_attn_every_n_layers=interval, text_config=text_config(family))
+    config = config or tiny_openflamingo_config(cross_attn_every_n_layers=interval, text_config=text_config(family))
     model = OpenFlamingoForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -137,8 +144,8 @@ def test_trainable_only_round_trip(family):
     converted, report = convert_original_state_dict(original, model.config, base_state_dict=base, return_report=True)
     assert_same_model(converted, model)
     # The checkpoint's (resized) embeddings win over the base's, and the report says so.
-    embedding_key = "language_model." + {"mosaic_gpt": "transformer.wte.weight", "mpt": "transformer.wte.weight",
-                                         "gpt_neox": "gpt_neox.embed_in.weight",
+    embedding_key = "language_model." + {"mosaic_gpt": "transformer.wte.weight", "mpt7b": "transformer.wte.weight",
+                                         "mpt": "transformer.wte.weight", "gpt_neox": "gpt_neox.embed_in.weight",
                                          "llama": "model.embed_tokens.weight"}[family]
     assert report.sources[embedding_key] == ["lang_encoder." + embedding_key[len("language_model."):]]
     assert "overridden by the checkpoint" in report.ignored["base:" + embedding_key]
@@ -262,6 +269,106 @@ def test_error_messages_say_what_to_do():
     mosaic = export_original_state_dict(build("mosaic_gpt"), full=True)
     with pytest.raises(ConversionError, match="mosaic_gpt"):
         convert_original_state_dict(mosaic, model.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1b. The 9B release: MPT-7B's parameter names onto MosaicGPT
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Our MosaicGPT names -> MPT-7B's (the original 9B checkpoint, transformers' MptForCausalLM).
+MPT_NAMES = {".ln_1.": ".norm_1.", ".ln_2.": ".norm_2.", ".mlp.mlp_up.": ".ffn.up_proj.",
+             ".mlp.mlp_down.": ".ffn.down_proj.", "transformer.ln_f.": "transformer.norm_f."}
+
+
+def to_mpt_names(key):
+    for ours, theirs in MPT_NAMES.items():
+        key = key.replace(ours, theirs)
+    return key
+
+
+def test_9b_layout_uses_mpt_names_both_ways():
+    model = build("mpt7b")
+    full = export_original_state_dict(model, full=True)
+    lm_keys = [k for k in full if k.startswith("lang_encoder.") and "gated_cross_attn_layer" not in k]
+    for key in ("lang_encoder.transformer.blocks.0.decoder_layer.norm_1.weight",
+                "lang_encoder.transformer.blocks.3.decoder_layer.ffn.down_proj.weight",
+                "lang_encoder.old_decoder_blocks.2.ffn.up_proj.weight", "lang_encoder.transformer.norm_f.weight",
+                "lang_encoder.transformer.blocks.1.decoder_layer.attn.Wqkv.weight"):
+        assert key in full, key
+    assert not any(re.search(r"\.(ln_1|ln_2|ln_f|mlp_up|mlp_down|q_ln|k_ln)\.", k) for k in lm_keys)
+    assert not any("lm_head" in k for k in full)  # MPT-7B has none: the output projection is the embedding
+
+    converted, report = convert_original_state_dict(full, model.config, return_report=True)
+    assert_same_model(converted, model)
+    assert report.sources["language_model.transformer.blocks.1.ln_2.weight"] == [
+        "lang_encoder.transformer.blocks.1.decoder_layer.norm_2.weight"]
+    assert report.sources["language_model.transformer.ln_f.weight"] == ["lang_encoder.transformer.norm_f.weight"]
+    # Never invented, never dropped: a missing MPT weight is named under our name, an extra one under its own.
+    incomplete = {k: v for k, v in full.items()
+                  if ".2.decoder_layer.norm_1." not in k and ".old_decoder_blocks.2.norm_1." not in k}
+    with pytest.raises(ConversionError, match=r"language_model\.transformer\.blocks\.2\.ln_1\.weight"):
+        convert_original_state_dict(incomplete, model.config)
+    with pytest.raises(ConversionError, match=r"decoder_layer\.attn\.q_ln\.weight"):
+        convert_original_state_dict({**full, "lang_encoder.transformer.blocks.0.decoder_layer.attn.q_ln.weight":
+                                     torch.ones(64)}, model.config)
+
+
+def test_9b_released_checkpoint_with_mpt_7b_as_base(tmp_path):
+    """The released checkpoint.pt (trainable-only) completed by MPT-7B as published: transformers' MptForCausalLM
+    (MPT names, a tied lm_head, 8 more embedding rows), given as a module or loaded the way the CLI loads it."""
+    from openflamingo_hf.convert.cli import load_language_model
+
+    model = build("mpt7b")
+    checkpoint = export_original_state_dict(model, full=False)
+    mpt_config = tiny_text_config("mpt", vocab_size=TINY_VOCAB_SIZE + 8, expansion_ratio=4)
+    mpt = MptForCausalLM(mpt_config).eval()
+    ours = model.language_model.state_dict()
+    state = mpt.state_dict()
+    for key in state:
+        if key != "lm_head.weight" and "wte" not in key:
+            state[key] = ours[next(k for k in ours if to_mpt_names(k) == key)].clone()
+    mpt.load_state_dict(state)
+
+    base = base_state_dict_from_backbones(mpt, model.vision_model)
+    converted, report = convert_original_state_dict(checkpoint, model.config, base_state_dict=base, return_report=True)
+    assert_same_model(converted, model)
+    assert report.sources["language_model.transformer.blocks.0.mlp.mlp_up.weight"] == [
+        "base:language_model.transformer.blocks.0.ffn.up_proj.weight"]
+    assert report.ignored["base:language_model.lm_head.weight"].startswith("tied copy of")
+
+    mpt.save_pretrained(tmp_path / "mpt-7b")
+    lm = load_language_model(str(tmp_path / "mpt-7b"), model.config.text_config)
+    assert type(lm).__name__ == "MosaicGPTForCausalLM" and lm.config.checkpoint_layout == "mpt"
+    converted = convert_original_state_dict(checkpoint, model.config,
+                                            base_state_dict=base_state_dict_from_backbones(lm, model.vision_model))
+    assert_same_model(converted, model)
+
+    # A base whose "tied" head differs from its embedding is not a tied MPT: refused by name.
+    untied = dict(base, **{"language_model.lm_head.weight": base["language_model.lm_head.weight"] + 1})
+    with pytest.raises(ConversionError, match=r"base:language_model\.lm_head\.weight"):
+        convert_original_state_dict(checkpoint, model.config, base_state_dict=untied)
+
+
+def test_9b_converted_onto_mosaic_gpt_equals_transformers_mpt():
+    """An OpenFlamingo on transformers' MptForCausalLM (how the 9B release ran) and the same original weights
+    converted onto the release config's MosaicGPT give the same logits."""
+    mpt_text = tiny_text_config("mpt", expansion_ratio=4)
+    reference = build("mpt", config=tiny_openflamingo_config(cross_attn_every_n_layers=2, text_config=mpt_text))
+    with torch.no_grad():  # O(1) weights in the LM, so that attention (ALiBi) is far from uniform
+        for name, p in reference.language_model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * (1.5 if "Wqkv" in name else 1.0))
+    ours_config = tiny_openflamingo_config(cross_attn_every_n_layers=2,
+                                           text_config=MosaicGPTConfig.from_mpt_config(mpt_text))
+    converted = convert_original_state_dict(export_original_state_dict(reference, full=True), ours_config)
+    ours = OpenFlamingoForConditionalGeneration(ours_config).eval()
+    ours.load_state_dict(converted, strict=True)
+    assert type(ours.language_model).__name__ == "MosaicGPTForCausalLM"
+    with torch.no_grad():
+        expected = reference(**inputs()).logits
+        logits = ours(**inputs()).logits
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -494,13 +601,20 @@ def test_cli_help_lists_every_release():
 # ----------------------------------------------------------------------------------------------------------------------
 
 # From DESIGN §1/§3 and the language models' public configs:
-# (text model_type, layers, width, heads, MLP width, tied output, cross-attention interval)
+# (text model_type, layers, width, heads, MLP width, tied output, cross-attention interval). Both MPTs (MPT-1B's
+# MosaicGPT, with q/k LayerNorm, and MPT-7B, without) are built as this package's MosaicGPT.
 PUBLISHED = {
     "OpenFlamingo-3B-vitl-mpt1b": ("mosaic_gpt", 24, 2048, 16, 8192, True, 1),
     "OpenFlamingo-3B-vitl-mpt1b-langinstruct": ("mosaic_gpt", 24, 2048, 16, 8192, True, 1),
     "OpenFlamingo-4B-vitl-rpj3b": ("gpt_neox", 32, 2560, 32, 10240, False, 2),
     "OpenFlamingo-4B-vitl-rpj3b-langinstruct": ("gpt_neox", 32, 2560, 32, 10240, False, 2),
-    "OpenFlamingo-9B-vitl-mpt7b": ("mpt", 32, 4096, 32, 16384, True, 4),
+    "OpenFlamingo-9B-vitl-mpt7b": ("mosaic_gpt", 32, 4096, 32, 16384, True, 4),
+}
+# The MosaicGPT releases: (q/k LayerNorm, parameter names of the original checkpoints).
+MOSAIC_GPT_FLAVOUR = {
+    "OpenFlamingo-3B-vitl-mpt1b": (True, "mosaic_gpt"),
+    "OpenFlamingo-3B-vitl-mpt1b-langinstruct": (True, "mosaic_gpt"),
+    "OpenFlamingo-9B-vitl-mpt7b": (False, "mpt"),
 }
 SCORES = {  # COCO 4-shot CIDEr, VQAv2 4-shot accuracy
     "OpenFlamingo-3B-vitl-mpt1b": (77.3, 45.8),
@@ -541,10 +655,10 @@ def test_release_configs_have_the_published_architecture(name):
     if model_type == "gpt_neox":
         assert text.intermediate_size == mlp_width and text.use_parallel_residual is False
         assert text.rope_parameters["partial_rotary_factor"] == 1.0 and text.max_position_embeddings == 2048
-    elif model_type == "mpt":
-        assert text.expansion_ratio * width == mlp_width and text.attn_config.alibi and text.no_bias
     else:
-        assert text.mlp_ratio * width == mlp_width and text.attn_qk_ln and text.alibi and text.no_bias
+        assert text.mlp_ratio * width == mlp_width and text.alibi and text.alibi_bias_max == 8 and text.no_bias
+        assert (text.attn_qk_ln, text.checkpoint_layout) == MOSAIC_GPT_FLAVOUR[name]
+        assert text.use_cache  # (MPT-7B's own config says false)
 
     with torch.device("meta"):
         model = OpenFlamingoForConditionalGeneration(config)
@@ -559,7 +673,8 @@ def test_release_configs_have_the_published_architecture(name):
     assert tuple(model.language_model.get_input_embeddings().weight.shape) == (50280, width)
     if model_type == "gpt_neox":
         assert shapes["language_model.lm_head.weight"] == (50280, width)
-    assert bool(model.all_tied_weights_keys) == (tied and model_type == "mpt")  # MosaicGPT has no lm_head at all
+    assert not model.all_tied_weights_keys  # MosaicGPT has no lm_head at all; GPT-NeoX's is untied
+    assert any(".attn.q_ln." in k for k in shapes) == MOSAIC_GPT_FLAVOUR.get(name, (False,))[0]
 
     # The special-token ids follow from the tokenizer and the original's order of additions.
     processor = OpenFlamingoProcessor(tokenizer=gpt_neox_sized_tokenizer())

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import CLIPVisionConfig, GPTNeoXConfig, MptConfig
+from transformers import CLIPVisionConfig, GPTNeoXConfig
 
 from .modeling.configuration_mosaic_gpt import MosaicGPTConfig
 from .modeling.configuration_openflamingo import CLIP_VIT_L_14, OpenFlamingoConfig
@@ -46,8 +46,9 @@ class OpenFlamingoRelease:
     Attributes:
         name: release name; the checkpoint lives in the hub repo `openflamingo/<name>`.
         language_model: hub repo of the language model (also the tokenizer repo, as in the original README).
-        language_model_family: `"mosaic_gpt"` (MPT-1B remote code, see `MosaicGPTForCausalLM`), `"gpt_neox"` or
-            `"mpt"` (transformers' `MptForCausalLM`).
+        language_model_family: `"mosaic_gpt"` (MPT-1B remote code), `"gpt_neox"` or `"mpt"` (MPT-7B). Both MPT
+            families are built as this package's `MosaicGPTForCausalLM` (with and without q/k LayerNorm); they differ
+            in the parameter names of their checkpoints.
         cross_attn_every_n_layers: a gated cross-attention block before every N-th decoder layer.
         description: one line for the model card.
 
@@ -150,7 +151,8 @@ def _text_config(family: str):
     24 layers, mlp_ratio 4, ALiBi (max 8), q/k LayerNorm, no biases, tied output. RedPajama-INCITE-3B (GPT-NeoX):
     hidden 2560, 32 layers, 32 heads, intermediate 10240, GELU, rotary_pct 1.0 (base 10000), sequential residual
     (`use_parallel_residual` false), untied output, max 2048 positions. MPT-7B: d_model 4096, 32 heads, 32 layers,
-    expansion_ratio 4, ALiBi (max 8), no biases, tied output.
+    expansion_ratio 4, ALiBi (max 8), no q/k LayerNorm, no biases, tied output; built as a `MosaicGPTConfig` (model
+    type `"mosaic_gpt"`, `checkpoint_layout="mpt"`).
     """
     token_ids = dict(
         vocab_size=RELEASE_VOCAB_SIZE,
@@ -188,15 +190,22 @@ def _text_config(family: str):
             **token_ids,
         )
     if family == "mpt":
-        return MptConfig(
+        # MPT-7B is this package's MosaicGPT without q/k LayerNorm (one fast MPT implementation for both releases);
+        # its checkpoints use MPT's parameter names, which the converter and `from_pretrained` map onto ours.
+        return MosaicGPTConfig(
             d_model=4096,
             n_heads=32,
             n_layers=32,
-            expansion_ratio=4,
+            mlp_ratio=4,
             max_seq_len=2048,
+            attn_qk_ln=False,
+            attn_clip_qkv=None,
+            alibi=True,
+            alibi_bias_max=8,
+            alibi_interleave_slopes=True,
             no_bias=True,
             layer_norm_epsilon=1e-5,
-            attn_config={"alibi": True, "alibi_bias_max": 8, "qk_ln": False, "clip_qkv": None},
+            checkpoint_layout="mpt",
             tie_word_embeddings=True,
             **token_ids,
         )

@@ -29,11 +29,19 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
 from ..cli.parsing import OneLineErrorParser
 from ..hub import ExportError, check_output_dir, staged_output_dir, unwritable_location
 from ..modeling.configuration_openflamingo import OpenFlamingoConfig
+from ..modeling.modeling_mosaic_gpt import MosaicGPTForCausalLM
 from ..modeling.modeling_openflamingo import (
     OpenFlamingoForConditionalGeneration,
     _load_vision_tower,
@@ -565,16 +573,13 @@ def convert(args: ConvertArguments) -> ConversionReport:
     config = build_config(args, release, state_dict, processor)
 
     print(f"Loading the language model {language_model} and the vision tower {vision_model}")
-    # trust_remote_code=False: the converter never runs code from the Hub; MosaicGPT (MPT-1B) and MPT-7B are
-    # implemented locally and their repos' remote code is not needed.
-    lm = AutoModelForCausalLM.from_pretrained(
-        language_model, dtype=dtype, local_files_only=args.local_files_only, trust_remote_code=False
-    )
+    lm = load_language_model(language_model, config.text_config, dtype=dtype, local_files_only=args.local_files_only)
     if lm.config.model_type != config.text_config.model_type:
         raise UsageError(
             f"{language_model} loads as a '{lm.config.model_type}' model but the checkpoint's architecture needs "
             f"'{config.text_config.model_type}'. Pass the language model the checkpoint was trained on (for the 3B "
-            "releases, the MosaicGPT repo whose config.json has model_type 'mosaic_gpt')."
+            "releases the MosaicGPT repo, whose config.json has model_type 'mosaic_gpt'; for the 9B release an MPT-7B "
+            "repo, model_type 'mpt')."
         )
     vision = _load_vision_tower(vision_model, dtype=dtype, local_files_only=args.local_files_only)
     base = base_state_dict_from_backbones(lm, vision)
@@ -599,6 +604,24 @@ def convert(args: ConvertArguments) -> ConversionReport:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
     print(f"Wrote {output}")
     return report
+
+
+def load_language_model(
+    path: str, text_config: PreTrainedConfig, dtype: torch.dtype | None = None, local_files_only: bool = False
+) -> PreTrainedModel:
+    """
+    The base language model at `path`, as the class the target config builds. trust_remote_code=False: the converter
+    never runs code from the Hub; MosaicGPT (MPT-1B) and MPT-7B are implemented in this package. For a MosaicGPT
+    target, an MPT repo (MPT-7B, the 9B release's LM) loads into `MosaicGPTForCausalLM` with its config and names
+    translated, so its weights come out in our layout; anything else loads with `AutoModelForCausalLM`.
+    """
+    if text_config.model_type == "mosaic_gpt":
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, local_files_only=local_files_only)
+        if config_dict.get("model_type") in ("mosaic_gpt", "mpt"):
+            return MosaicGPTForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=local_files_only, trust_remote_code=False
+    )
 
 
 def _build_processor(

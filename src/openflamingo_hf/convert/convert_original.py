@@ -24,6 +24,11 @@ Original (`open_flamingo` v2):
 `<layers>` is the LM's decoder-layer list (`transformer.blocks`, `gpt_neox.layers`, `model.layers`, ...), `{i}` the
 index of the decoder layer a gated block precedes (the same index in both layouts).
 
+Inside the LM, names are the standalone model's, except where this package's LM names a parameter differently from
+the model the original was trained with: the 9B release's MPT-7B (`norm_1`, `norm_2`, `ffn.up_proj`,
+`ffn.down_proj`, `norm_f`) is this package's MosaicGPT (`ln_1`, `ln_2`, `mlp.mlp_up`, `mlp.mlp_down`, `ln_f`), see
+`LM_KEY_MAPPINGS`; the export writes the names of the LM config's `checkpoint_layout`.
+
 A released `checkpoint.pt` is *trainable-only*: the Perceiver, the gated blocks and the LM's embeddings (the original
 saved every parameter whose name contains "embed" plus every trainable one). The LM's other weights and the vision
 tower must then come from the backbones, given explicitly as `base_state_dict` (see `base_state_dict_from_backbones`).
@@ -45,6 +50,7 @@ import torch
 from torch import nn
 
 from ..modeling.configuration_openflamingo import OpenFlamingoConfig
+from ..modeling.modeling_mosaic_gpt import MPT_KEY_MAPPING
 from ..modeling.modeling_openflamingo import (
     OpenFlamingoForConditionalGeneration,
     _extract_vision_tower,
@@ -70,6 +76,28 @@ _FF_OURS_TO_ORIGINAL = {v: k for k, v in _FF_ORIGINAL_TO_OURS.items()}
 # per model_type. transformers itself applies these on `from_pretrained`; the converter must do it by hand.
 LEGACY_LM_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "gpt_neox": (("embed_out.", "lm_head."),),
+}
+
+# LM parameter names of a source (regex over the key inside the LM) -> ours, per target LM model_type, applied to the
+# checkpoint's LM keys and to the base's. MosaicGPT, the one MPT of this package, reads the MPT names of the 9B
+# release (MPT-7B, also transformers' `MptForCausalLM`) with the mapping its `from_pretrained` uses; its own names
+# (the 3B releases) match none of the patterns.
+LM_KEY_MAPPINGS: dict[str, dict[str, str]] = {
+    "mosaic_gpt": MPT_KEY_MAPPING,
+}
+# Ours -> the MPT names, for the export of a MosaicGPT whose original checkpoints use them (`checkpoint_layout="mpt"`).
+_MOSAIC_GPT_TO_MPT_KEYS: tuple[tuple[str, str], ...] = (
+    (r"\.ln_1\.", ".norm_1."),
+    (r"\.ln_2\.", ".norm_2."),
+    (r"\.mlp\.mlp_up\.", ".ffn.up_proj."),
+    (r"\.mlp\.mlp_down\.", ".ffn.down_proj."),
+    (r"(?<!\w)ln_f\.", "norm_f."),
+)
+# Source LM keys that are a tied copy of another key of the same source, per target LM model_type: an MPT state dict
+# (`MptForCausalLM.state_dict()` as a base) holds `lm_head.weight`, the same tensor as `transformer.wte.weight`, which
+# MosaicGPT uses as its output projection directly. Used only if equal to what they copy (or as its only copy).
+SOURCE_TIED_LM_KEYS: dict[str, dict[str, str]] = {
+    "mosaic_gpt": {"lm_head.weight": "transformer.wte.weight"},
 }
 
 # Source keys that are not weights of any current model and are skipped, with the reason. They only apply to keys
@@ -143,6 +171,7 @@ class _TargetSpec:
     tied: dict[str, str]  # tied target key -> key it is tied to
     layers_path: str  # decoder-layer list inside the LM, e.g. "gpt_neox.layers"
     lm_model_type: str
+    lm_config: object  # the LM's config (its `model_type`, and `checkpoint_layout` for MosaicGPT)
     vision_model_type: str
     input_embedding_key: str  # inside the LM, e.g. "transformer.wte.weight"
 
@@ -168,6 +197,7 @@ def _target_spec(config: OpenFlamingoConfig) -> _TargetSpec:
         tied=dict(getattr(model, "all_tied_weights_keys", None) or {}),
         layers_path=layers_path,
         lm_model_type=lm.config.model_type,
+        lm_config=lm.config,
         vision_model_type=model.vision_model.config.model_type,
         input_embedding_key=_parameter_name(lm, lm.get_input_embeddings().weight),
     )
@@ -206,17 +236,30 @@ def _map_gated(index: str, tail: str) -> str | None:
 
 
 def _rename_legacy_lm(lm_key: str, model_type: str) -> str:
+    """A source name inside the LM -> ours (`LEGACY_LM_RENAMES`, then `LM_KEY_MAPPINGS`)."""
     for old, new in LEGACY_LM_RENAMES.get(model_type, ()):
         if lm_key.startswith(old):
-            return new + lm_key[len(old) :]
+            lm_key = new + lm_key[len(old) :]
+            break
+    for pattern, replacement in LM_KEY_MAPPINGS.get(model_type, {}).items():
+        lm_key = re.sub(pattern, replacement, lm_key, count=1)
     return lm_key
 
 
-def _unrename_legacy_lm(lm_key: str, model_type: str) -> str:
-    for old, new in LEGACY_LM_RENAMES.get(model_type, ()):
+def _unrename_legacy_lm(lm_key: str, lm_config) -> str:
+    """Our name inside the LM -> the name in the original checkpoints of that LM (inverse of `_rename_legacy_lm`)."""
+    for old, new in LEGACY_LM_RENAMES.get(lm_config.model_type, ()):
         if lm_key.startswith(new):
-            return old + lm_key[len(new) :]
+            lm_key = old + lm_key[len(new) :]
+            break
+    if lm_config.model_type == "mosaic_gpt" and getattr(lm_config, "checkpoint_layout", "mosaic_gpt") == "mpt":
+        for pattern, replacement in _MOSAIC_GPT_TO_MPT_KEYS:
+            lm_key = re.sub(pattern, replacement, lm_key, count=1)
     return lm_key
+
+
+def _lm_target(lm_key: str, spec: _TargetSpec) -> str:
+    return "language_model." + _rename_legacy_lm(lm_key, spec.lm_model_type)
 
 
 _OPEN_CLIP_TOP = {
@@ -337,7 +380,7 @@ def infer_cross_attn_every_n_layers(state_dict: Mapping[str, torch.Tensor]) -> i
 def original_input_embedding_key(config: OpenFlamingoConfig) -> str:
     """Name of the LM's input embedding in an original state dict (e.g. `lang_encoder.gpt_neox.embed_in.weight`)."""
     spec = _target_spec(config)
-    return LM_PREFIX + _unrename_legacy_lm(spec.input_embedding_key, spec.lm_model_type)
+    return LM_PREFIX + _unrename_legacy_lm(spec.input_embedding_key, spec.lm_config)
 
 
 class _Collector:
@@ -387,8 +430,6 @@ def _unknown_key_hint(key: str, spec: _TargetSpec) -> str:
             " This looks like a MosaicGPT (MPT-1B) weight, which transformers' MPT does not have: use a text_config of "
             "model_type 'mosaic_gpt' (see openflamingo_hf.releases.get_release_config)."
         )
-    if spec.lm_model_type == "mosaic_gpt" and re.search(r"\.(norm_1|norm_2|ffn)\.", key):
-        return " This looks like a transformers-MPT weight: use a text_config of model_type 'mpt'."
     return (
         " If the checkpoint was trained with another language model, pass that model's config; if this entry is "
         "not a weight, remove it from the state dict."
@@ -470,7 +511,7 @@ def convert_original_state_dict(
             targets = None
             if rest.startswith(OLD_DECODER_BLOCKS + "."):
                 index, _, tail = rest[len(OLD_DECODER_BLOCKS) + 1 :].partition(".")
-                duplicates.append((f"language_model.{spec.layers_path}.{index}.{tail}", raw_key, tensor))
+                duplicates.append((_lm_target(f"{spec.layers_path}.{index}.{tail}", spec), raw_key, tensor))
                 continue
             if rest.startswith(GATED_BLOCK_LIST + "."):
                 index, _, tail = rest[len(GATED_BLOCK_LIST) + 1 :].partition(".")
@@ -485,11 +526,15 @@ def convert_original_state_dict(
                     target = _map_gated(index, inner)
                     targets = None if target is None else [target]
                 elif part == DECODER_LAYER:
-                    targets = [f"language_model.{spec.layers_path}.{index}.{inner}"]
+                    targets = [_lm_target(f"{spec.layers_path}.{index}.{inner}", spec)]
                 else:  # an unwrapped decoder layer (LM saved without the Flamingo wrapper)
-                    targets = [f"language_model.{spec.layers_path}.{index}.{tail}"]
+                    targets = [_lm_target(f"{spec.layers_path}.{index}.{tail}", spec)]
             else:
-                targets = ["language_model." + _rename_legacy_lm(rest, spec.lm_model_type)]
+                targets = [_lm_target(rest, spec)]
+                copied = SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).get(targets[0][len("language_model.") :])
+                if copied is not None:  # a tied copy: checked equal to (or used as) the weight it copies
+                    duplicates.append(("language_model." + copied, raw_key, tensor))
+                    continue
             if targets is not None and targets[0] in spec.tied:
                 duplicates.append((targets[0], raw_key, tensor))
                 continue
@@ -532,10 +577,31 @@ def convert_original_state_dict(
 
     # 4. Base weights for what the checkpoint does not hold.
     if base_state_dict is not None:
-        for key, tensor in base_state_dict.items():
-            label = "base:" + key
+        base_state_dict = _rename_base(base_state_dict, spec, collector)
+        tied_copies = {
+            "language_model." + k: "language_model." + v
+            for k, v in SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).items()
+        }
+        for key, (label, tensor) in base_state_dict.items():
+            if key in tied_copies and key not in spec.shapes:
+                reference_key = tied_copies[key]
+                reference = base_state_dict.get(reference_key)
+                if reference is None:
+                    if reference_key not in collector.out:
+                        collector.put(reference_key, tensor, label)  # the only copy of a tied pair
+                    else:
+                        collector.report.ignored[label] = f"tied copy of '{reference_key}'"
+                elif reference[1].shape != tensor.shape or not torch.equal(reference[1], tensor):
+                    collector.problems.append(
+                        f"{label}: a copy of '{reference[0]}' in a tied model, but it holds different values. The "
+                        "model ties its output projection to the input embedding: this base is not such a model."
+                    )
+                else:
+                    collector.report.ignored[label] = f"tied copy of {reference[0]}"
+                continue
             if key in spec.tied:
                 reference = base_state_dict.get(spec.tied[key])
+                reference = None if reference is None else reference[1]
                 if reference is not None and (reference.shape != tensor.shape or not torch.equal(reference, tensor)):
                     collector.problems.append(
                         f"{label}: tied to '{spec.tied[key]}' in the model, but the base holds different values. The "
@@ -584,6 +650,25 @@ def convert_original_state_dict(
     # Same order as the model's own state dict.
     result = {k: collector.out[k] for k in spec.shapes}
     return (result, collector.report) if return_report else result
+
+
+def _rename_base(
+    base_state_dict: Mapping[str, torch.Tensor], spec: _TargetSpec, collector: _Collector
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """
+    Base keys -> `{our key: ("base:" + key, tensor)}`: the LM's keys go through the same renames as the checkpoint's
+    (a transformers `MptForCausalLM` base for a MosaicGPT target). Two base keys may not name one weight.
+    """
+    renamed: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, tensor in base_state_dict.items():
+        target = _lm_target(key[len("language_model.") :], spec) if key.startswith("language_model.") else key
+        if target in renamed:
+            collector.problems.append(
+                f"base:{key} and {renamed[target][0]} both name '{target}'. Give the base in one layout only."
+            )
+            continue
+        renamed[target] = ("base:" + key, tensor)
+    return renamed
 
 
 def _ignore_reason(key: str) -> str | None:
@@ -711,7 +796,6 @@ def export_original_state_dict(
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     layers_path, _ = find_decoder_layers(model.language_model, config.decoder_layers_attr_name)
     lm = model.language_model
-    lm_type = lm.config.model_type
     input_embedding = _parameter_name(lm, lm.get_input_embeddings().weight)
     layers_prefix = f"language_model.{layers_path}."
 
@@ -740,11 +824,11 @@ def export_original_state_dict(
             if key in tied:
                 continue
             lm_key = key[len("language_model.") :]
-            original = _unrename_legacy_lm(lm_key, lm_type)
+            original = _unrename_legacy_lm(lm_key, lm.config)
             if not full and lm_key != input_embedding and "embed" not in original:
                 continue
             if key.startswith(layers_prefix):
-                index, _, tail = key[len(layers_prefix) :].partition(".")
+                index, _, tail = original[len(layers_path) + 1 :].partition(".")
                 out[f"{LM_PREFIX}{layers_path}.{index}.{DECODER_LAYER}.{tail}"] = tensor
                 if full:
                     out[f"{LM_PREFIX}{OLD_DECODER_BLOCKS}.{index}.{tail}"] = tensor
@@ -754,10 +838,12 @@ def export_original_state_dict(
 
 
 __all__ = [
-    "ConversionError",
-    "ConversionReport",
     "IGNORED_SOURCE_PATTERNS",
     "LEGACY_LM_RENAMES",
+    "LM_KEY_MAPPINGS",
+    "SOURCE_TIED_LM_KEYS",
+    "ConversionError",
+    "ConversionReport",
     "base_state_dict_from_backbones",
     "convert_original_state_dict",
     "export_original_state_dict",

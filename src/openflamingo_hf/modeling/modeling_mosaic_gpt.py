@@ -1,4 +1,4 @@
-"""PyTorch MosaicGPT: the MPT-1B language model of the OpenFlamingo-3B releases.
+"""PyTorch MosaicGPT: the one MPT of this package (MPT-1B of the OpenFlamingo-3B releases, MPT-7B of the 9B release).
 
 The OpenFlamingo-3B releases use `anas-awadalla/mpt-1b-redpajama-200b`, whose remote code ("MosaicGPT") predates
 transformers' own MPT. It differs from [`~transformers.MptForCausalLM`] by LayerNorms on the queries and keys
@@ -15,10 +15,20 @@ transformers' own MPT. It differs from [`~transformers.MptForCausalLM`] by Layer
     transformer.blocks.{i}.mlp.mlp_down.weight
     transformer.ln_f.weight
 
+With `attn_qk_ln=False` it is MPT-7B (the OpenFlamingo-9B release's LM): `from_pretrained` reads MPT folders
+(transformers' `MptForCausalLM`, MosaicML's remote-code `mpt`) through `MPT_KEY_MAPPING` (`norm_1` -> `ln_1`,
+`ffn.up_proj` -> `mlp.mlp_up`, ...) and `MosaicGPTConfig`'s translation of MPT configs.
+
 There is no `lm_head`: the logits are `hidden_states @ transformer.wte.weight.T`, as in the original.
+
+Attention is "sdpa" (default) or "eager"; ALiBi and the causal/padding mask are one additive float bias, built once
+per forward and shared by every layer. The decode step has no host synchronization and no data-dependent Python
+branch, so it runs with a `StaticCache` under `torch.compile(fullgraph=True)` (`generate(cache_implementation=
+"static")`).
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,7 +39,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -37,25 +47,42 @@ from .configuration_mosaic_gpt import MosaicGPTConfig
 
 logger = logging.get_logger(__name__)
 
+# Checkpoint names of MPT (transformers' `MptForCausalLM`, MosaicML's `mpt` remote code; regex) -> ours. Passed as
+# `key_mapping` by `MosaicGPTPreTrainedModel.from_pretrained`, and used by the OpenFlamingo converter for the original
+# 9B checkpoint. Every other name (`wte`, `attn.Wqkv`, `attn.out_proj`, `attn.q_ln`, `attn.k_ln`) is shared.
+MPT_KEY_MAPPING: dict[str, str] = {
+    r"\.norm_1\.": ".ln_1.",
+    r"\.norm_2\.": ".ln_2.",
+    r"\.ffn\.up_proj\.": ".mlp.mlp_up.",
+    r"\.ffn\.down_proj\.": ".mlp.mlp_down.",
+    r"(?<!\w)norm_f\.": "ln_f.",
+}
 
-def build_alibi_slopes(num_heads: int, alibi_bias_max: float = 8, device: torch.device | None = None) -> torch.Tensor:
+
+def build_alibi_slopes(
+    num_heads: int, alibi_bias_max: float = 8, device: torch.device | None = None, interleave: bool = False
+) -> torch.Tensor:
     r"""
-    ALiBi slopes of MosaicGPT: head `h` (1-based) gets `2 ** (-h * alibi_bias_max / num_heads)`.
-
-    For a power-of-two number of heads (the released model has 16) this equals transformers'
-    `build_mpt_alibi_tensor`; MosaicGPT did not have MPT's interleaving for other head counts.
+    ALiBi slopes. MosaicGPT (`interleave=False`): head `h` (1-based) gets `2 ** (-h * alibi_bias_max / num_heads)`.
+    MPT (`interleave=True`): the same rule for the next power of two of heads, the slopes at odd (0-based) indices
+    first, then those at even indices, the first `num_heads` kept (transformers' `build_mpt_alibi_tensor`). The two agree for a power of two (the
+    released models have 16 and 32 heads).
 
     Returns:
         `torch.FloatTensor` of shape `(num_heads,)`, in float32.
     """
-    exponents = torch.arange(1, num_heads + 1, dtype=torch.float32, device=device) * (alibi_bias_max / num_heads)
-    return torch.pow(2.0, -exponents)
+    padded_heads = 2 ** math.ceil(math.log2(num_heads)) if interleave else num_heads
+    exponents = torch.arange(1, padded_heads + 1, dtype=torch.float32, device=device) * (alibi_bias_max / padded_heads)
+    slopes = torch.pow(2.0, -exponents)
+    if padded_heads != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
 
 
 def build_alibi_attention_bias(
     slopes: torch.Tensor,
     query_length: int,
-    past_length: int,
+    past_length: int | torch.Tensor,
     mask: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -63,21 +90,23 @@ def build_alibi_attention_bias(
     The additive `attn_mask` of every attention layer: ALiBi bias plus causal/padding mask.
 
     Query `i` sits at slot `past_length + i`, key `j` at slot `j`; the ALiBi bias is `slope * (j - (past_length + i))`,
-    which is non-positive for every key a query may see. MosaicGPT built the bias as `slope * (j - const)` per key
-    only; the two differ by a constant along each query row, which softmax ignores, but the relative form keeps the
-    values of nearby keys small, so they stay exact in bfloat16. Slot distances are true token distances under left
-    padding too: the padding slots all precede the real tokens and are masked.
+    which is non-positive for every key a query may see. MosaicGPT and MPT built the bias as `slope * (j - const)` per
+    key only; the two differ by a constant along each query row, which softmax ignores, but the relative form keeps
+    the values of nearby keys small, so they stay exact in bfloat16. Slot distances are true token distances under
+    left padding too: the padding slots all precede the real tokens and are masked. With a `StaticCache` the keys are
+    all `max_cache_len` slots; those not written yet lie in the future of every query and are masked.
 
     Args:
         slopes (`torch.FloatTensor` of shape `(num_heads,)`):
             ALiBi slopes, see [`build_alibi_slopes`].
         query_length (`int`):
             Number of new tokens.
-        past_length (`int`):
-            Number of tokens already in the cache.
+        past_length (`int` or 0-d `torch.LongTensor`):
+            Number of tokens already in the cache (a tensor for a `StaticCache`, which keeps the decode step free of
+            host synchronization).
         mask (`torch.Tensor` of shape `(batch_size, 1, query_length, key_length)`, *optional*):
             Boolean (True = attend) or additive float mask, as returned by `create_causal_mask`. If `None`, a plain
-            causal mask over `past_length + query_length` keys is used.
+            causal mask over `past_length + query_length` keys is used (`past_length` must then be an int).
         dtype (`torch.dtype`):
             Dtype of the queries (SDPA wants the float mask in that dtype).
 
@@ -86,13 +115,16 @@ def build_alibi_attention_bias(
         `torch.finfo(dtype).min` at masked positions.
     """
     device = slopes.device
+    # At least float32, so that the sum with the mask below is exact (and float64 models keep their precision).
+    compute_dtype = torch.promote_types(dtype, torch.float32)
     key_length = mask.shape[-1] if mask is not None else past_length + query_length
-    query_positions = torch.arange(past_length, past_length + query_length, device=device)
+    # `arange(n) + past_length` rather than `arange(past_length, ...)`: a tensor bound would need `.item()`.
+    query_positions = torch.arange(query_length, device=device) + past_length
     key_positions = torch.arange(key_length, device=device)
     # (query_length, key_length)
-    distance = (key_positions[None, :] - query_positions[:, None]).to(torch.float32)
-    # (1, num_heads, query_length, key_length), in float32 so that the sum with the mask below is exact
-    bias = (slopes[:, None, None] * distance)[None]
+    distance = (key_positions[None, :] - query_positions[:, None]).to(compute_dtype)
+    # (1, num_heads, query_length, key_length)
+    bias = (slopes.to(compute_dtype)[:, None, None] * distance)[None]
 
     min_value = torch.finfo(dtype).min
     if mask is None:
@@ -102,12 +134,45 @@ def build_alibi_attention_bias(
     else:
         # An additive mask holds `finfo.min` at masked positions; clamp so that adding the (negative) ALiBi bias to
         # it cannot overflow to -inf (a row of -inf would make softmax return NaN for fully padded query rows).
-        bias = (bias + mask.to(device=device, dtype=torch.float32)).clamp(min=min_value)
+        bias = (bias + mask.to(device=device, dtype=compute_dtype)).clamp(min=min_value)
     return bias.to(dtype)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Attention written out (transformers' "eager"), with the softmax in float32 as MPT does.
+
+    Args:
+        query, key, value (`torch.Tensor` of shape `(batch_size, num_heads, length, head_dim)`):
+            Queries (`query_length`) and cached + new keys and values (`key_length`).
+        attention_mask (`torch.Tensor` of shape `(batch_size or 1, num_heads, query_length, key_length)`):
+            Additive ALiBi + mask bias.
+
+    Returns:
+        `(attn_output, attn_weights)`: `(batch_size, query_length, num_heads, head_dim)` and
+        `(batch_size, num_heads, query_length, key_length)`.
+    """
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class MosaicGPTAttention(nn.Module):
-    """Multi-head self-attention with LayerNorm on the queries and keys and an additive (ALiBi + mask) bias."""
+    """Multi-head self-attention with optional LayerNorm on the queries and keys and an additive (ALiBi + mask) bias."""
 
     def __init__(self, config: MosaicGPTConfig, layer_idx: int):
         super().__init__()
@@ -116,13 +181,13 @@ class MosaicGPTAttention(nn.Module):
         self.d_model = config.d_model
         self.n_heads = config.n_heads
         self.head_dim = config.d_model // config.n_heads
-        self.softmax_scale = config.softmax_scale
-        if self.softmax_scale is None:
-            self.softmax_scale = 1 / math.sqrt(self.head_dim)
-        # MosaicGPT tests `if self.clip_qkv:`, i.e. 0 means no clipping.
+        self.scaling = config.softmax_scale if config.softmax_scale is not None else 1 / math.sqrt(self.head_dim)
+        # MosaicGPT and MPT test `if self.clip_qkv:`, i.e. 0 means no clipping.
         self.clip_qkv = config.attn_clip_qkv if config.attn_clip_qkv else None
         self.attn_qk_ln = config.attn_qk_ln
-        self.attn_dropout = config.attn_pdrop
+        self.attention_dropout = config.attn_pdrop
+        # The mask is always materialized (ALiBi needs it), so `is_causal` only tells generic code what this is.
+        self.is_causal = True
         bias = not config.no_bias
 
         self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=bias)
@@ -132,13 +197,14 @@ class MosaicGPTAttention(nn.Module):
             self.k_ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=bias)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=bias)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(batch_size, query_length, d_model)`):
@@ -149,9 +215,12 @@ class MosaicGPTAttention(nn.Module):
                 `hidden_states`. If `None`, a causal ALiBi bias without padding is built here.
             cache (`Cache`, *optional*):
                 Key/value cache, updated in place for this layer.
+            kwargs:
+                Passed to the attention function (e.g. `output_attentions`).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, query_length, d_model)`.
+            `(attn_output, attn_weights)`: `(batch_size, query_length, d_model)` and, for "eager",
+            `(batch_size, n_heads, query_length, key_length)` (`None` for "sdpa").
         """
         batch_size, query_length, _ = hidden_states.shape
 
@@ -172,24 +241,37 @@ class MosaicGPTAttention(nn.Module):
         if attention_mask is None:
             # Called directly (not through `MosaicGPTModel`): causal attention without padding.
             past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            slopes = build_alibi_slopes(self.n_heads, self.config.alibi_bias_max, device=hidden_states.device)
-            attention_mask = build_alibi_attention_bias(
-                slopes, query_length, past_length, mask=None, dtype=query_states.dtype
+            slopes = build_alibi_slopes(
+                self.n_heads,
+                self.config.alibi_bias_max,
+                device=hidden_states.device,
+                interleave=self.config.alibi_interleave_slopes,
             )
+            # A `StaticCache` returns all its slots, not just the filled ones: size the mask as the cache says.
+            key_length = cache.get_mask_sizes(query_length, self.layer_idx)[0] if cache is not None else query_length
+            key_positions = torch.arange(key_length, device=hidden_states.device)
+            query_positions = torch.arange(query_length, device=hidden_states.device) + past_length
+            mask = (key_positions[None, :] <= query_positions[:, None])[None, None]
+            attention_mask = build_alibi_attention_bias(slopes, query_length, past_length, mask, query_states.dtype)
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
-        attn_output = F.scaled_dot_product_attention(
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
             query_states,
             key_states,
             value_states,
-            attn_mask=attention_mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            scale=self.softmax_scale,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
         )
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, query_length, self.d_model)
-        return self.out_proj(attn_output)
+        attn_output = attn_output.reshape(batch_size, query_length, self.d_model)
+        return self.out_proj(attn_output), attn_weights
 
 
 class MosaicGPTMLP(nn.Module):
@@ -241,13 +323,14 @@ class MosaicGPTBlock(GradientCheckpointingLayer):
                 Unused here (the cache is updated whenever it is given); accepted so that generic callers and the
                 gradient-checkpointing wrapper can pass it.
             kwargs:
-                Ignored; accepted so that generic code can call every decoder layer the same way.
+                Passed on to the attention; accepted so that generic code can call every decoder layer the same way
+                (a forward pre-hook may consume its own keyword argument first, as OpenFlamingo's does).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, query_length, d_model)`.
         """
         residual = hidden_states
-        hidden_states = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache)
+        hidden_states, _ = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = residual + self.resid_attn_dropout(hidden_states)
 
         residual = hidden_states
@@ -261,9 +344,39 @@ class MosaicGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicGPTBlock"]
-    # Attention always runs through `torch.nn.functional.scaled_dot_product_attention` with a float mask (ALiBi needs
-    # an additive bias); "eager" is accepted too and only changes the format `create_causal_mask` returns.
+    # "sdpa" and "eager"; both take ALiBi as an additive float mask. FlashAttention and flex attention are not offered:
+    # the bias would have to be passed to them in another form.
     _supports_sdpa = True
+    # The forward has no graph break (no `.item()`, no data-dependent branch): with a `StaticCache` the decode step
+    # compiles with `fullgraph=True`, which `generate` checks before compiling it.
+    _can_compile_fullgraph = True
+    # MPT checkpoints that store the (tied) output projection; here it is `transformer.wte` itself. The config refuses
+    # `tie_word_embeddings=False`, so such an `lm_head` is always a copy of the embedding.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\.weight$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        [`~transformers.PreTrainedModel.from_pretrained`], reading MPT checkpoints too: MPT-7B, MosaicML's `mpt`
+        remote-code models and transformers' `MptForCausalLM` folders load with their config translated (see
+        [`MosaicGPTConfig.from_mpt_config`]) and their parameter names mapped by `MPT_KEY_MAPPING` (a `key_mapping`
+        given here replaces it). As for every renamed checkpoint, `save_pretrained` then writes the names it read
+        (pass `save_original_format=False` for the MosaicGPT names); both load.
+        """
+        kwargs.setdefault("key_mapping", MPT_KEY_MAPPING)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        generation_config = getattr(model, "generation_config", None)
+        if (
+            model.config.checkpoint_layout == "mpt"
+            and generation_config is not None
+            and generation_config.use_cache is False
+            and getattr(generation_config, "_from_model_config", False)
+        ):
+            # MPT configs say `use_cache: false` (a training setting, and `MptConfig`'s default) and the generation
+            # config derived from them copies it, which would make `generate` recompute the whole sequence per token.
+            generation_config.use_cache = True
+        return loaded
 
 
 class MosaicGPTModel(MosaicGPTPreTrainedModel):
@@ -338,11 +451,13 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
+        # An int, or for a `StaticCache` a 0-d tensor on the device: the decode step then never reads it on the host.
         past_length = cache.get_seq_length() if cache is not None else 0
         query_length = inputs_embeds.shape[1]
 
-        # Boolean (sdpa) or additive (eager) mask of shape (batch_size, 1, query_length, key_length). Never skipped:
-        # ALiBi needs a materialized mask to add its bias to.
+        # Boolean (sdpa) or additive (eager) mask of shape (batch_size, 1, query_length, key_length), key_length being
+        # `max_cache_len` for a `StaticCache`; a 4D mask (what `generate` prepares for a static cache) comes back as
+        # is. Never skipped: ALiBi needs a materialized mask to add its bias to.
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -353,10 +468,16 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         if mask is None and attention_mask is not None and attention_mask.ndim == 2:
             # Attention implementations without a mask format of their own: fold the 2D padding mask in ourselves.
             key_positions = torch.arange(attention_mask.shape[-1], device=inputs_embeds.device)
-            query_positions = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+            query_positions = torch.arange(query_length, device=inputs_embeds.device) + past_length
             causal = key_positions[None, :] <= query_positions[:, None]
             mask = causal[None, None] & attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)[:, None, None]
-        slopes = build_alibi_slopes(self.config.n_heads, self.config.alibi_bias_max, device=inputs_embeds.device)
+        slopes = build_alibi_slopes(
+            self.config.n_heads,
+            self.config.alibi_bias_max,
+            device=inputs_embeds.device,
+            interleave=self.config.alibi_interleave_slopes,
+        )
+        # Built once, shared by every block: (batch_size or 1, n_heads, query_length, key_length).
         attention_bias = build_alibi_attention_bias(slopes, query_length, past_length, mask, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
@@ -480,10 +601,12 @@ def register():
 
 
 __all__ = [
+    "MPT_KEY_MAPPING",
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "MosaicGPTPreTrainedModel",
-    "build_alibi_slopes",
     "build_alibi_attention_bias",
+    "build_alibi_slopes",
+    "eager_attention_forward",
     "register",
 ]
