@@ -268,6 +268,8 @@ class Worker:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if request.get("threads"):
+            torch.set_num_threads(request["threads"])
         self.original = self.original or import_original()
         shape, workdir = request["shape"], Path(request["workdir"])
         self.device = request.get("device", "cpu")

@@ -555,8 +555,8 @@ def format_value(case: CaseResult, result: SystemResult | None) -> str:
         return "n/a"
     if case.kind == "memory":
         text = f"{value / 2**20:.0f} MiB"
-    elif value >= 10:
-        text = f"{value:.1f} s"
+    elif value >= 1:
+        text = f"{value:.2f} s"
     else:
         text = f"{value * 1e3:.1f} ms"
     if case.unit_items and case.kind == "time":
@@ -625,6 +625,7 @@ class Settings:
     cases: list[str]
     compiled: bool
     workdir: Path
+    threads: int | None = None
 
 
 GREEDY_CHECK_CASES = ("greedy_b1", "greedy_b8")
@@ -778,6 +779,7 @@ def machine_header(settings: Settings, versions: dict) -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "reps": settings.reps,
         "train_reps": settings.train_reps,
+        "threads": torch.get_num_threads(),
         "ours": {"torch": torch.__version__, "transformers": transformers.__version__},
         "original": versions,
     }
@@ -787,7 +789,7 @@ def header_lines(header: dict, tokens_summary: str, shape: Shape) -> str:
     original = header["original"]
     lines = [
         (f"{header['date']} | shape {header['shape']} | {header['device']} | {header['dtype']} | "
-         f"load average {header['load_average'] or float('nan'):.1f} at start | medians of {header['reps']} generation reps and "
+         f"{header['threads']} torch threads per side | load average {header['load_average'] or float('nan'):.1f} at start | medians of {header['reps']} generation reps and "
          f"{header['train_reps']} training steps, interleaved"),
         (f"ours: torch {header['ours']['torch']}, transformers {header['ours']['transformers']} | original: "
          f"open-flamingo {original.get('open_flamingo')}, open_clip {original.get('open_clip_torch')}, "
@@ -805,11 +807,13 @@ def run(settings: Settings, log) -> tuple[str, dict]:
     import torch
 
     shape = settings.shape
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     worker = OriginalWorker(log_path=settings.workdir / "original_worker.log")
     try:
         log("building the original model (its own create_model_and_transforms, random weights)")
         meta = worker.request("build", shape=shape.to_worker(), workdir=str(settings.workdir), device=settings.device,
-                              save_dtype="bfloat16" if settings.bf16 else "float32")
+                              save_dtype="bfloat16" if settings.bf16 else "float32", threads=settings.threads)
         log("converting its state dict with openflamingo_hf.convert")
         state_dict = cast_state_dict(torch.load(meta["state_dict"], weights_only=True), torch.float32)
         model, report = convert_to_ours(state_dict, shape, meta)
@@ -883,6 +887,9 @@ def build_parser():
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the 'ours, static cache + compile' configuration (its first call compiles, "
                              "which takes minutes on a small CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads on both sides (default: torch's own choice); on a machine shared "
+                             "with other work, 1 gives steadier numbers")
     parser.add_argument("--json", metavar="PATH", help="also write the results (every sample) as JSON here")
     parser.add_argument("--workdir", metavar="DIR", help="keep the state dict, inputs and worker log here "
                                                          "(default: a temporary folder, removed at the end)")
@@ -897,6 +904,8 @@ def parse_settings(argv: list[str] | None, parser=None) -> tuple[Settings, Any]:
     unknown = sorted(set(cases) - set(ALL_CASES))
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(ALL_CASES)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if min(args.reps, args.train_reps) < 1 or min(args.warmup, args.train_warmup) < 0:
         parser.error("--reps and --train-reps must be at least 1, the warm-ups at least 0")
     device = args.device
@@ -908,7 +917,8 @@ def parse_settings(argv: list[str] | None, parser=None) -> tuple[Settings, Any]:
         parser.error("--bf16 is for GPU runs (the original's amp_bf16 autocast is CUDA-only); drop it on CPU")
     settings = Settings(shape=SHAPES[args.shape], device=device, bf16=args.bf16, reps=args.reps, warmup=args.warmup,
                         train_reps=args.train_reps, train_warmup=args.train_warmup, cases=cases,
-                        compiled=not args.no_compile, workdir=Path(args.workdir) if args.workdir else Path())
+                        compiled=not args.no_compile, workdir=Path(args.workdir) if args.workdir else Path(),
+                        threads=args.threads)
     return settings, args
 
 

@@ -67,7 +67,7 @@ def test_cells_units_throughput_and_targets():
     slow = _case(ours=(0.4,), compiled=(0.45,))
     assert bench.format_target(slow) == "≥ 2× (not met)"
     long = _case(items=40, original=(63.7,), ours=(19.9,))
-    assert bench.format_value(long, long.systems[bench.ORIGINAL]) == "63.7 s (0.6 tok/s)"
+    assert bench.format_value(long, long.systems[bench.ORIGINAL]) == "63.70 s (0.6 tok/s)"
     memory = _case(kind="memory", items=0, original=(3 * 2**20,), ours=(2**20,))
     assert bench.format_value(memory, memory.systems[bench.OURS]) == "1 MiB"
 
