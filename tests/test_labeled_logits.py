@@ -1,4 +1,4 @@
-"""`labeled_logits_only`: the LM head runs only where a label is, with the loss and gradients of the full head."""
+"""`loss_logits_only`: the LM head runs only where a label is, with the loss and gradients of the full head."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _loss_and_grads(model, batch, **kwargs):
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
-def test_labeled_logits_only_has_the_loss_and_gradients_of_the_full_head(family):
+def test_loss_logits_only_has_the_loss_and_gradients_of_the_full_head(family):
     model, processor = build_tiny_model_and_processor(family)
     batch = _recipe_batch(processor)
     num_items = torch.tensor(11)  # what Trainer passes with gradient accumulation: the loss is a sum over this
@@ -45,7 +45,7 @@ def test_labeled_logits_only_has_the_loss_and_gradients_of_the_full_head(family)
         head_rows = []
         head = model._separate_output_head()
         handle = head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1])) if head else None
-        outputs, grads = _loss_and_grads(model, batch, labeled_logits_only=True, **extra)
+        outputs, grads = _loss_and_grads(model, batch, loss_logits_only=True, **extra)
         if handle:
             handle.remove()
 
@@ -71,14 +71,14 @@ def test_without_labels_or_outside_training_the_logits_are_whole(tmp_path):
     model, processor = build_tiny_model_and_processor("llama")
     batch = _recipe_batch(processor)
     no_labels = {key: value for key, value in batch.items() if key != "labels"}
-    assert model(**no_labels, labeled_logits_only=True).logits.shape == (*batch["input_ids"].shape, model.get_input_embeddings().num_embeddings)
+    assert model(**no_labels, loss_logits_only=True).logits.shape == (*batch["input_ids"].shape, model.get_input_embeddings().num_embeddings)
 
     trainer = OpenFlamingoTrainer(
         model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), processing_class=processor
     )
     seen = []
     handle = model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("labeled_logits_only", False)), with_kwargs=True
+        lambda module, args, kwargs: seen.append(kwargs.get("loss_logits_only", False)), with_kwargs=True
     )
     model.train()
     trainer.compute_loss(model, dict(batch))

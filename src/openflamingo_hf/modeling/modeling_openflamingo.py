@@ -482,8 +482,8 @@ def openflamingo_generation_config(
     if getattr(text_config, "pad_token_id", None) is not None:
         generation_config.pad_token_id = text_config.pad_token_id
     # Decode from the cache (and the gated blocks' image keys/values computed once): some LM configs default to
-    # `use_cache=False` (transformers' MptConfig, hence the 9B release), which would recompute the whole sequence at
-    # every step.
+    # `use_cache=False` (transformers' MptConfig, and MPT checkpoints' generation configs), which would recompute the
+    # whole sequence at every step.
     generation_config.use_cache = True
     # No longer "derived from the model config" (a marker saved into generation_config.json): loading such a file
     # would apply these settings again, over the user's.
@@ -502,7 +502,7 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
     """
     Args:
         loss: (1,) shifted next-token cross-entropy (labels of -100 ignored), when `labels` is given.
-        logits: (batch, seq_len, vocab_size); with `labeled_logits_only`, (1, num_labeled, vocab_size): the positions
+        logits: (batch, seq_len, vocab_size); with `loss_logits_only`, (1, num_labeled, vocab_size): the positions
             whose next token carries a label, row by row.
         cache: the language model's KV cache.
         hidden_states, attentions: as returned by the language model.
@@ -972,7 +972,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         media_cache: OpenFlamingoMediaCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         frame_mask: torch.Tensor | None = None,
-        labeled_logits_only: bool = False,
+        loss_logits_only: bool = False,
         **kwargs,
     ) -> OpenFlamingoCausalLMOutputWithPast:
         r"""
@@ -991,7 +991,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
                 recomputing them from images.
             frame_mask: (batch, num_images, num_frames) bool with `pixel_values`: False for padding frames.
-            labeled_logits_only: with `labels`, apply the LM head only at positions whose next token carries a label
+            loss_logits_only: with `labels`, apply the LM head only at positions whose next token carries a label
                 (training: most positions of a batch are padding or masked, and the head is the widest matmul).
                 Same loss; `logits` then holds those positions only. `OpenFlamingoTrainer` sets it when training.
         """
@@ -1020,7 +1020,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         lm_kwargs = self._language_model_kwargs(
             input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, logits_to_keep, kwargs
         )
-        if labeled_logits_only and labels is not None and self._separate_output_head() is not None:
+        if loss_logits_only and labels is not None and self._separate_output_head() is not None:
             outputs = self._run_language_model_on_labels(lm_kwargs, cross_attention)
         else:
             outputs = self._run_language_model(lm_kwargs, cross_attention)
@@ -1200,9 +1200,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             hidden_states = args[0]  # (batch, seq_len, dim)
             if hidden_states.shape[:2] != keep.shape:
                 raise RuntimeError(
-                    f"labeled_logits_only: the output head of {type(self.language_model).__name__} gets inputs of "
+                    f"loss_logits_only: the output head of {type(self.language_model).__name__} gets inputs of "
                     f"shape {tuple(hidden_states.shape)}, not (batch, seq_len, dim) = {(*keep.shape, '...')}. Train "
-                    "without it (OpenFlamingoTrainer(..., labeled_logits_only=False))."
+                    "without it (OpenFlamingoTrainer(..., loss_logits_only=False))."
                 )
             return (hidden_states[keep.to(hidden_states.device)][None], *args[1:])
 

@@ -154,8 +154,8 @@ class OpenFlamingoTrainer(Trainer):
         trainable_embedding_ids: the input-embedding rows that train (default: the model config's `<image>` and
             `<|endofchunk|>` ids). The filter applies while the input embeddings are the only trainable part of the
             LM (it is off when the whole LM trains, see `freeze_for_recipe`).
-        labeled_logits_only: training forwards apply the LM head only where the next token carries a label (the
-            model's `labeled_logits_only`): the same loss for less time and memory. Off with label smoothing or a
+        loss_logits_only: training forwards apply the LM head only where the next token carries a label (the
+            model's `loss_logits_only`): the same loss for less time and memory. Off with label smoothing or a
             `compute_loss_func`, which need the logits of every position.
         **kwargs: `Trainer` arguments (`model`, `args`, `data_collator`, `processing_class`, ...).
     """
@@ -167,7 +167,7 @@ class OpenFlamingoTrainer(Trainer):
         stream_batch_sizes: Mapping[str, int] | None = None,
         loss_multipliers: Mapping[str, float] | None = None,
         trainable_embedding_ids: list[int] | None = None,
-        labeled_logits_only: bool = True,
+        loss_logits_only: bool = True,
         **kwargs,
     ):
         if streams is not None and kwargs.get("train_dataset") is not None:
@@ -184,7 +184,7 @@ class OpenFlamingoTrainer(Trainer):
         if trainable_embedding_ids is None:
             trainable_embedding_ids = [i for i in (config.media_token_id, config.eoc_token_id) if i is not None]
         self.trainable_embedding_ids = list(trainable_embedding_ids)
-        self.labeled_logits_only = labeled_logits_only
+        self.loss_logits_only = loss_logits_only
         self._stream_losses: dict[str, list[torch.Tensor]] = {}
         self.skipped_samples: Counter = Counter()
         self.nonfinite_steps = 0
@@ -215,8 +215,8 @@ class OpenFlamingoTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs=False, num_items_in_batch=None):
         full_logits_needed = self.label_smoother is not None or self.compute_loss_func is not None
-        if self.labeled_logits_only and model.training and "labels" in inputs and not full_logits_needed:
-            inputs = {**inputs, "labeled_logits_only": True}
+        if self.loss_logits_only and model.training and "labels" in inputs and not full_logits_needed:
+            inputs = {**inputs, "loss_logits_only": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
