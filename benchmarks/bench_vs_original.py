@@ -414,6 +414,7 @@ class SteppedTrainer:
         self.trainer, self.device = trainer, device
         self._go = threading.Semaphore(0)
         self._events: queue.Queue = queue.Queue()
+        self._closing = False
         gate = self
 
         class Gate(TrainerCallback):
@@ -421,10 +422,14 @@ class SteppedTrainer:
                 gate._events.put(("ready", None))
                 gate._go.acquire()
 
-            def on_step_end(self, *args, **kwargs):
+            def on_step_end(self, args, state, control, **kwargs):
                 sync(gate.device)
                 gate._events.put(("step", time.perf_counter()))
-                gate._go.acquire()
+                if not gate._closing:
+                    gate._go.acquire()
+                if gate._closing:  # closed early (the other side failed): no more steps
+                    control.should_training_stop = True
+                return control
 
         trainer.add_callback(Gate())
         self._thread = threading.Thread(target=self._run, name="ours-trainer", daemon=True)
@@ -454,9 +459,16 @@ class SteppedTrainer:
         return self._expect("step") - start
 
     def close(self) -> None:
+        """Lets the thread finish (stopping training early if steps are left) and waits for it."""
+        self._closing = True
         self._go.release()
         try:
-            self._expect("done", timeout=600)
+            while True:
+                event, value = self._events.get(timeout=600)
+                if event == "error":
+                    raise value
+                if event == "done":
+                    break
         finally:
             self._thread.join(timeout=60)
 
@@ -851,7 +863,15 @@ def run(settings: Settings, log) -> tuple[str, dict]:
                                              checks=checks if verify else None))
         if TRAIN_CASE in settings.cases:
             log("timing the training step")
-            cases.extend(run_training(model, worker, inputs, settings, log))
+            try:
+                cases.extend(run_training(model, worker, inputs, settings, log))
+            except BenchError as error:  # the original's step failed: keep the generation rows, say why
+                if worker.process.poll() is not None:
+                    raise
+                failed = CaseResult(TRAIN_CASE, "training step (LAION 32 + MMC4 8)", "time", 0, "")
+                failed.systems = {ORIGINAL: SystemResult(error=str(error)[:200]), OURS: SystemResult()}
+                cases.append(failed)
+                log(f"training step failed: {error}")
     finally:
         worker.close()
     header = machine_header(settings, meta["versions"])

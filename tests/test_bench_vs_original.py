@@ -232,6 +232,22 @@ def test_stepped_trainer_alternates_and_records_losses(tmp_path, monkeypatch):
     assert set(trainer._stream_losses) == {"laion", "mmc4"}
 
 
+def test_stepped_trainer_closes_early(tmp_path, monkeypatch):
+    """Closing with steps left (the original's side failed) stops training instead of hanging."""
+    monkeypatch.setattr(bench, "LAION", {"batch": 2, "images": 1, "tokens": 8})
+    monkeypatch.setattr(bench, "MMC4", {"batch": 2, "images": 2, "tokens": 16})
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "laion_ids": bench.chunked_ids(g, 2, 8, 1, 4093, 4094, 4093), "laion_pixels": torch.randn(2, 1, 1, 3, 56, 56),
+        "mmc4_ids": bench.chunked_ids(g, 2, 16, 2, 4093, 4094, 4093), "mmc4_pixels": torch.randn(2, 2, 1, 3, 56, 56),
+    }
+    trainer = bench.make_our_trainer(_small_model(), inputs, steps=5, device="cpu", bf16=False, workdir=tmp_path)
+    stepped = bench.SteppedTrainer(trainer, "cpu")
+    stepped.step()
+    stepped.close()
+    assert trainer.state.global_step == 1  # no step after the close
+
+
 def test_peak_memory_sees_an_allocation():
     meter = worker.PeakMemory("cpu")
     meter.reset()
