@@ -21,9 +21,23 @@ from importlib import resources
 
 import numpy as np
 
-from .world import FORMATS, HELD_OUT_SEED_START, SAMPLE_SEED, Example, make_examples, tag_text, vqa_text
+from .world import (
+    CLIP_FRAMES,
+    FORMATS,
+    HELD_OUT_SEED_START,
+    SAMPLE_SEED,
+    Clip,
+    Example,
+    make_clips,
+    make_examples,
+    reverse_clip,
+    tag_text,
+    vqa_text,
+)
 
 EMBEDDED_MODEL_DIR = str(resources.files(__package__).joinpath("model"))
+# The video variant: the same model plus frame embeddings, trained on clips too (examples/train_embedded_video.py).
+EMBEDDED_VIDEO_MODEL_DIR = str(resources.files(__package__).joinpath("video_model"))
 SAMPLES_DIR = str(resources.files(__package__).joinpath("samples"))
 
 # What a tag of each format looks like, to measure in-context format following.
@@ -38,16 +52,27 @@ _LOADED: dict = {}
 
 def load_embedded_model(device: str | None = None):
     """`(model, processor)` of the shipped model, in eval mode (cached per device)."""
-    if not os.path.isfile(os.path.join(EMBEDDED_MODEL_DIR, "config.json")):
+    return _load_shipped(EMBEDDED_MODEL_DIR, "examples/train_embedded.py", device)
+
+
+def load_embedded_video_model(device: str | None = None):
+    """`(model, processor)` of the shipped video variant (frame embeddings; answers clips), in eval mode (cached per
+    device). Its processor samples `CLIP_FRAMES` frames per video."""
+    return _load_shipped(EMBEDDED_VIDEO_MODEL_DIR, "examples/train_embedded_video.py", device)
+
+
+def _load_shipped(folder: str, script: str, device: str | None):
+    """A shipped model folder through `_load_folder`, cached per (folder, device)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(
-            f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. Reinstall openflamingo-hf, or train it with "
-            "examples/train_embedded.py and copy its model folder there."
+            f"The embedded model is missing from {folder}. Reinstall openflamingo-hf, or train it with {script} and "
+            "copy its model folder there."
         )
-    device = device or "cpu"
-    if device not in _LOADED:
-        model, processor = _load_folder(EMBEDDED_MODEL_DIR)
-        _LOADED[device] = (model.to(device), processor)
-    return _LOADED[device]
+    key = (folder, device or "cpu")
+    if key not in _LOADED:
+        model, processor = _load_folder(folder)
+        _LOADED[key] = (model.to(key[1]), processor)
+    return _LOADED[key]
 
 
 def _load_folder(folder: str):
@@ -168,14 +193,71 @@ def _load(model_dir: str | None):
     return load_embedded_model() if model_dir is None else _load_folder(model_dir)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Clips (the video variant)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def caption_clips(clips: list[Clip], model=None, processor=None) -> list[str]:
+    """Zero-shot captions of clips (prompt `<video>`, `CLIP_FRAMES` frames each), e.g. "one red circle moving left."
+    Default model: the shipped video variant."""
+    import torch
+
+    if model is None:
+        model, processor = load_embedded_video_model()
+    elif processor is None:
+        raise ValueError("Pass the processor of `model` too (processor=...), or neither for the video variant.")
+    clips = list(clips)
+    inputs = processor(videos=[[c.frames] for c in clips], text=["<video>"] * len(clips), num_frames=CLIP_FRAMES,
+                       return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    return [text.strip() for text in processor.post_process_generation(generated, inputs["input_ids"])]
+
+
+def evaluate_embedded_clips(
+    model_dir: str | None = None, seed: int = HELD_OUT_SEED_START + 7000, num_examples: int = 100
+) -> dict:
+    """
+    Held-out clip scores (clips drawn with `seed`, never used in training) of a video model folder (default: the
+    shipped video variant): exact captions, right direction, and how often reversing the frames turns the predicted
+    direction into its opposite (the frames' order is what the direction is read from).
+    """
+    model, processor = load_embedded_video_model() if model_dir is None else _load_folder(model_dir)
+    clips = make_clips(num_examples, seed)
+    captions = caption_clips(clips, model, processor)
+    reversed_clips = [reverse_clip(c) for c in clips]
+    reversed_captions = caption_clips(reversed_clips, model, processor)
+    return {
+        "clip_caption_exact": float(np.mean([t == c.caption for t, c in zip(captions, clips)])),
+        "clip_direction": float(np.mean([caption_direction(t) == c.direction for t, c in zip(captions, clips)])),
+        "clip_reversed_direction": float(
+            np.mean([caption_direction(t) == c.direction for t, c in zip(reversed_captions, reversed_clips)])
+        ),
+    }
+
+
+def caption_direction(caption_text: str) -> str | None:
+    """The direction a clip caption names ("... moving left." -> "left"), or None."""
+    match = re.search(r"moving (\w+)\.?$", caption_text.strip())
+    return match.group(1) if match else None
+
+
 __all__ = [
     "EMBEDDED_MODEL_DIR",
+    "EMBEDDED_VIDEO_MODEL_DIR",
+    "Clip",
     "Example",
     "answer",
     "caption",
+    "caption_clips",
+    "caption_direction",
     "default_caption_prompt",
     "evaluate_embedded",
+    "evaluate_embedded_clips",
     "load_embedded_model",
+    "load_embedded_video_model",
+    "make_clips",
     "make_examples",
     "sample_examples",
     "sample_image_paths",

@@ -242,6 +242,7 @@ def write_samples(folder, n: int = 6, seed: int = SAMPLE_SEED) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CLIP_FRAMES = 4
 
 
@@ -289,6 +290,11 @@ def make_clips(n: int, seed: int = 0) -> list[Clip]:
         direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
         clips.append(Clip(draw_clip(shape, color, direction, rng), shape, color, direction))
     return clips
+
+
+def reverse_clip(clip: Clip) -> Clip:
+    """The clip played backwards: the same frames in reverse order, which show the opposite direction."""
+    return Clip(clip.frames[::-1], clip.shape, clip.color, OPPOSITE_DIRECTIONS[clip.direction])
 
 
 def write_clip_file(clip: Clip, path: str, fps: int = 4) -> str:
