@@ -1,7 +1,7 @@
 """This package against the original OpenFlamingo: same weights, interleaved runs, medians, a table with ratios.
 
     bash scripts/setup_original_env.sh                                 # once: .venv-original (open-flamingo 2.0.1)
-    .venv/bin/python benchmarks/bench_vs_original.py                   # small shapes on CPU, about 5 minutes
+    .venv/bin/python benchmarks/bench_vs_original.py                   # small shapes on CPU (see below for time)
     .venv/bin/python benchmarks/bench_vs_original.py --shape of3b --bf16   # a release's shapes, on a GPU
 
 The original runs in `.venv-original` (open-flamingo 2.0.1 on transformers 4.36.2: its `generate` fails on
@@ -15,7 +15,8 @@ package runs in this process. Nothing is downloaded.
 2. Same tokens. Greedy generation (B=1 and B=8) must give identical tokens on both sides, else the run stops.
 3. Timing, interleaved rep by rep (original, ours, ours compiled, original, ...) so that machine noise hits every
    system alike; medians are reported. Each generation is timed step by step by a logits processor (the same one
-   on both sides): the first step closes the prefill, the gaps after it are decode steps.
+   on both sides): the first step closes the prefill, the gaps after it are decode steps. The original's `generate`
+   runs under `torch.inference_mode()`, as its evaluation code calls it; ours as `generate` is (its own no_grad).
    - greedy B=1 and B=8: 3 images + 64 prompt tokens, 32 new tokens; decode ms per step and tokens/s;
    - 16-shot prefill: 16 demonstrations + the query (17 images, 408 tokens), time to the first token;
    - beam search, 3 beams (the evaluation setting): B=4, 3 images + 64 tokens, 20 new tokens, whole `generate`;
@@ -32,8 +33,13 @@ package runs in this process. Nothing is downloaded.
 Shapes: `small` (default): ViT 128 wide, 4 layers, 56 px; Llama 256 wide, 4 layers, vocabulary 4096; gated block
 before every layer; the original's fixed Perceiver and cross-attention sizes (6 layers, 8 heads of 64, 64 latents).
 `of3b`, `of4b`, `of9b`: CLIP ViT-L/14 and the release's language model with random weights (of3b with transformers'
-MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub). Timings on a
-shared machine are noisy: read the ratios, and rerun when they matter.
+MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub).
+
+Time: the default run is about 10 CPU-minutes (two processes alternating on 2 cores: about 5 minutes on an idle
+machine); the first run also compiles the decode step once per batch shape (minutes on a small CPU; torch's
+inductor cache makes later runs faster); `--no-compile` skips that configuration. On a machine shared with other work
+everything takes several times longer and the timings are noisy: read the ratios, and rerun when they matter
+(`--threads 1` steadies them).
 """
 
 from __future__ import annotations
