@@ -35,11 +35,14 @@ before every layer; the original's fixed Perceiver and cross-attention sizes (6 
 `of3b`, `of4b`, `of9b`: CLIP ViT-L/14 and the release's language model with random weights (of3b with transformers'
 MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub).
 
-Time: the default run is about 10 CPU-minutes (two processes alternating on 2 cores: about 5 minutes on an idle
-machine); the first run also compiles the decode step once per batch shape (minutes on a small CPU; torch's
-inductor cache makes later runs faster); `--no-compile` skips that configuration. On a machine shared with other work
-everything takes several times longer and the timings are noisy: read the ratios, and rerun when they matter
-(`--threads 1` steadies them).
+Threads: one torch thread per side on CPU by default (`--threads N` to change). On a small shared machine, two
+threads per op mostly measure the scheduler: in one run on 2 busy cores a B=1 decode step took 30x longer than
+with one thread, B=8 steps were faster than B=1 steps, and the training ratio flipped.
+
+Time: the default run takes about 4 minutes on a quiet 2-core machine once torch's inductor cache is warm; the first
+run also compiles the decode step once per batch shape (a few minutes more on a small CPU); `--no-compile` skips that
+configuration. On a machine shared with other work everything takes longer and the timings are noisier: read the
+ratios, and rerun when they matter.
 """
 
 from __future__ import annotations
@@ -807,7 +810,7 @@ def header_lines(header: dict, tokens_summary: str, shape: Shape) -> str:
     original = header["original"]
     lines = [
         (f"{header['date']} | shape {header['shape']} | {header['device']} | {header['dtype']} | "
-         f"{header['threads']} torch threads per side | load average {header['load_average'] or float('nan'):.1f} at start | medians of {header['reps']} generation reps and "
+         f"{header['threads']} torch thread{'' if header['threads'] == 1 else 's'} per side | load average {header['load_average'] or float('nan'):.1f} at start | medians of {header['reps']} generation reps and "
          f"{header['train_reps']} training steps, interleaved"),
         (f"ours: torch {header['ours']['torch']}, transformers {header['ours']['transformers']} | original: "
          f"open-flamingo {original.get('open_flamingo')}, open_clip {original.get('open_clip_torch')}, "
@@ -914,8 +917,9 @@ def build_parser():
                         help="skip the 'ours, static cache + compile' configuration (its first call compiles, "
                              "which takes minutes on a small CPU)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads on both sides (default: torch's own choice); on a machine shared "
-                             "with other work, 1 gives steadier numbers")
+                        help="torch intra-op threads on both sides (default: 1 on CPU, where two processes alternate "
+                             "on a small machine and multi-threaded ops mostly measure the scheduler; torch's own "
+                             "choice on GPU)")
     parser.add_argument("--json", metavar="PATH", help="also write the results (every sample) as JSON here")
     parser.add_argument("--workdir", metavar="DIR", help="keep the state dict, inputs and worker log here "
                                                          "(default: a temporary folder, removed at the end)")
@@ -939,12 +943,13 @@ def parse_settings(argv: list[str] | None, parser=None) -> tuple[Settings, Any]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     if args.bf16 and device == "cpu":
         parser.error("--bf16 is for GPU runs (the original's amp_bf16 autocast is CUDA-only); drop it on CPU")
     settings = Settings(shape=SHAPES[args.shape], device=device, bf16=args.bf16, reps=args.reps, warmup=args.warmup,
                         train_reps=args.train_reps, train_warmup=args.train_warmup, cases=cases,
                         compiled=not args.no_compile, workdir=Path(args.workdir) if args.workdir else Path(),
-                        threads=args.threads)
+                        threads=threads)
     return settings, args
 
 

@@ -159,7 +159,8 @@ def test_command_line_errors_are_one_line(argv, message, capsys):
 def test_settings_defaults():
     settings, _ = bench.parse_settings(["--device", "cpu"])
     assert settings.shape.name == "small" and settings.cases == bench.ALL_CASES and settings.compiled
-    assert settings.reps >= 1 and not settings.bf16
+    assert settings.reps >= 1 and not settings.bf16 and settings.threads == 1  # one thread per side on CPU
+    assert bench.parse_settings(["--device", "cpu", "--threads", "2"])[0].threads == 2
 
 
 def test_missing_original_environment_names_the_setup_script(tmp_path):
