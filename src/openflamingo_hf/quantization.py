@@ -52,11 +52,6 @@ _BACKEND_PACKAGES = {
     "bitsandbytes": ("bitsandbytes", "pip install bitsandbytes"),
 }
 
-# The gated blocks' key/value projection casts the Perceiver latents to its weight's dtype, which bitsandbytes
-# stores as int8/uint8: kept unquantized under bitsandbytes until that cast follows the block's LayerNorm instead.
-_BITSANDBYTES_EXTRA_SKIPS = (r"gated_cross_attn_layers\.\d+\.attn\.to_kv",)
-
-
 def modules_to_not_convert(config: OpenFlamingoConfig | str | os.PathLike, keep: Sequence[str] = ()) -> list[str]:
     """
     The module names a quantizer should leave in the model's dtype: the output embedding (and whatever it is tied
@@ -110,7 +105,6 @@ def default_quantization_config(
         return hf_quantization_config.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
     if backend == "quanto":
         return hf_quantization_config.QuantoConfig(weights=weights, modules_to_not_convert=skip)
-    skip = skip + list(_BITSANDBYTES_EXTRA_SKIPS)
     if weights == "int8":
         return hf_quantization_config.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     # Computing in the weights' original dtype keeps the unquantized parts and the quantized ones in one dtype.

@@ -229,7 +229,8 @@ class OpenFlamingoCrossAttention(nn.Module):
         Returns:
             key, value: each (batch, num_heads, num_images * num_latents, head_dim)
         """
-        media = media.flatten(1, 2).to(self.to_kv.weight.dtype)
+        # The LayerNorm's dtype is the compute dtype: a quantized `to_kv` may store its weight as int8.
+        media = media.flatten(1, 2).to(self.norm.weight.dtype)
         key, value = self.to_kv(media).chunk(2, dim=-1)
         split = lambda x: x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # noqa: E731
         return split(key), split(value)
