@@ -17,10 +17,9 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_generate import timed  # this folder is on sys.path when a benchmark runs as a script
 from transformers import CompileConfig
 
 from openflamingo_hf import OpenFlamingoForConditionalGeneration
@@ -49,22 +48,6 @@ def few_shot_inputs(model, shots: int, batch_size: int, device: str, tokens_per_
     return {"input_ids": ids.to(device), "pixel_values": pixels.to(device)}
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: int, **generate_kwargs) -> float:
     """Per-token decode time: the difference between generating `new_tokens` and 1 token, per extra token."""
 
@@ -73,9 +56,8 @@ def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: in
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, **generate_kwargs
         )
 
-    generate(new_tokens)()  # warm-up (and compilation, for the compiled row)
-    generate(1)()
-    long, short = _median_seconds(generate(new_tokens), device, repeats), _median_seconds(generate(1), device, repeats)
+    # `timed` warms each up first (which compiles, for the compiled row).
+    long, short = timed(generate(new_tokens), device, repeats), timed(generate(1), device, repeats)
     return max(long - short, 1e-9) / (new_tokens - 1) * 1e3
 
 

@@ -1021,8 +1021,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         lm_kwargs = self._language_model_kwargs(
             input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, logits_to_keep, kwargs
         )
-        if loss_logits_only and labels is not None and self._separate_output_head() is not None:
-            outputs = self._run_language_model_on_labels(lm_kwargs, cross_attention)
+        head = self._separate_output_head() if loss_logits_only and labels is not None else None
+        if head is not None:
+            outputs = self._run_language_model_on_labels(lm_kwargs, cross_attention, head)
         else:
             outputs = self._run_language_model(lm_kwargs, cross_attention)
         output = OpenFlamingoCausalLMOutputWithPast(
@@ -1187,7 +1188,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         head = self.get_output_embeddings()
         return head if isinstance(head, nn.Module) and head is not self.get_input_embeddings() else None
 
-    def _run_language_model_on_labels(self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs):
+    def _run_language_model_on_labels(
+        self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs, head: nn.Module
+    ):
         """
         The language-model call with its output head applied only at labelled positions, and the loss over them.
         A forward pre-hook on the head, there for this call only, selects the head's input rows; whatever the LM does
@@ -1209,7 +1212,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         if "logits_to_keep" in lm_kwargs:
             lm_kwargs["logits_to_keep"] = 0  # the head's input must be every position, for the selection to index
-        handle = self._separate_output_head().register_forward_pre_hook(select_labeled)
+        handle = head.register_forward_pre_hook(select_labeled)
         try:
             outputs = self._run_language_model(lm_kwargs, cross_attention)
         finally:
