@@ -95,3 +95,27 @@ def test_a_batch_of_videos_of_different_lengths_equals_each_video_alone():
             alone = processor(images=[images], videos=[[video]], text=[text], num_frames=4, return_tensors="pt")
             logits = model(**alone).logits[0]
             torch.testing.assert_close(together[row, -logits.shape[0]:], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_vision_tower_encodes_only_real_frames():
+    """Padding frames are not encoded (a clip next to a 4-image document would cost the tower 16 frames a sample);
+    their features are zeros and every real frame's features are exactly the tower's on that frame alone."""
+    model, processor = _model(frame_embeddings=True)
+    clip = torch.cat([_clip(processor, 2), _clip(processor, 2, seed=5)], dim=1)  # 2 media x 2 frames
+    padded = torch.cat([clip, torch.randn_like(clip[:, :, :1])], dim=2)  # + a padding frame each
+    mask = torch.tensor([[[True, True, False], [True, False, False]]])
+    seen = []
+    hook = model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            features = model.get_vision_features(padded, mask)
+    finally:
+        hook.remove()
+    assert seen == [3]  # the three real frames, not 2 x 3
+    with torch.no_grad():
+        alone = model.vision_model(pixel_values=padded[mask]).last_hidden_state[:, 1:]
+    assert features.shape == (1, 2, 3, alone.shape[1], alone.shape[2])
+    torch.testing.assert_close(features[mask], alone)
+    assert not features[~mask].any()

@@ -824,9 +824,41 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             f"for (at most {limit} positions). Its outputs beyond that are unreliable."
         )
 
+    def get_vision_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        The vision tower's patch features of every frame: last-layer patch tokens, without the final post-layernorm,
+        CLS dropped (DESIGN §1), the Perceiver's input.
+
+        Args:
+            pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
+            frame_mask: (batch, num_images, num_frames) bool, False for padding frames. Those are not encoded (a clip
+                next to a 4-image document would otherwise cost the tower 16 frames a sample): their features are
+                zeros, which the Perceiver never attends.
+        Returns:
+            (batch, num_images, num_frames, num_patches, vision_dim)
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        frame_mask = self._check_frame_mask(frame_mask, pixel_values)
+        flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
+        real = None
+        if frame_mask is not None and not torch.compiler.is_compiling():
+            real = frame_mask.flatten()
+            if bool(real.all()) or not bool(real.any()):
+                real = None
+        # A frozen tower keeps no activations for backward.
+        vision_trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(vision_trainable):
+            encoded = self.vision_model(pixel_values=flat if real is None else flat[real]).last_hidden_state
+        if self.config.vision_feature_select_strategy == "default":
+            encoded = encoded[:, 1:]
+        features = encoded
+        if real is not None:
+            features = encoded.new_zeros((flat.shape[0], *encoded.shape[1:])).index_put((real,), encoded)
+        return features.unflatten(0, pixel_values.shape[:3])
+
     def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Vision tower (last-layer patch tokens, without the final post-layernorm, CLS dropped) and Perceiver.
+        Vision tower (`get_vision_features`) and Perceiver.
 
         Args:
             pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
@@ -835,17 +867,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         Returns:
             (batch, num_images, num_latents, vision_dim)
         """
-        pixel_values = self._check_pixel_values(pixel_values)
-        frame_mask = self._check_frame_mask(frame_mask, pixel_values)
-        batch_size, num_images, num_frames = pixel_values.shape[:3]
-        flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
-        # A frozen tower keeps no activations for backward.
-        vision_trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(vision_trainable):
-            features = self.vision_model(pixel_values=flat).last_hidden_state
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        features = features.unflatten(0, (batch_size, num_images, num_frames))
+        features = self.get_vision_features(pixel_values, frame_mask)
+        frame_mask = self._check_frame_mask(frame_mask, features)
         return self.perceiver(features.to(self.perceiver.latents.dtype), frame_mask)
 
     def get_media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
