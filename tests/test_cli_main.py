@@ -349,3 +349,19 @@ def test_generate_with_videos(tiny, capsys):
     assert "num_frames=N" in usage_error(["generate", "--model", tiny.dir, "--video", clips[0]], capsys)
     assert "needs a --prompt" in usage_error(["generate", "--model", tiny.dir, "--video", clips[0], "--image", tiny.images[0],
                                               "--num_frames", "2"], capsys)
+
+
+def test_generate_captions_clip_files_with_the_shipped_video_variant(tmp_path, capsys):
+    """Without --model, --video uses the embedded video variant: clip files (read with PyAV) are captioned as
+    `caption_clips` captions the same clips in memory (the image model would never say "moving ...")."""
+    pytest.importorskip("av")
+    from openflamingo_hf.embedded import caption_clips
+    from openflamingo_hf.embedded.world import HELD_OUT_SEED_START, make_clips, reverse_clip, write_clip_file
+
+    clips = make_clips(2, HELD_OUT_SEED_START + 9100)
+    clips += [reverse_clip(clip) for clip in clips]
+    paths = [write_clip_file(clip, str(tmp_path / f"clip{i}.avi")) for i, clip in enumerate(clips)]
+    out, _ = run_cli(["generate", *[arg for path in paths for arg in ("--video", path)], "-q"], capsys)
+    expected = caption_clips(clips)
+    assert out.splitlines() == [f"{path}: {text}" for path, text in zip(paths, expected)]
+    assert all(" moving " in text for text in expected)

@@ -13,3 +13,6 @@ def test_demo_prints_correct_captions_and_answers(capsys):
     assert sum("[ok]" in line for line in caption_lines) >= len(caption_lines) - 1, out
     for true_caption in sample_captions():
         assert repr(true_caption) in out or "WRONG" in out
+    # The video variant on generated clips, forwards and reversed (each caption marked against the truth).
+    clip_lines = [line for line in out.splitlines() if "reversed ->" in line]
+    assert len(clip_lines) == 4 and sum(line.count("[ok]") for line in clip_lines) >= 6, out

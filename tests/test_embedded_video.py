@@ -1,8 +1,5 @@
-"""The shipped video variant of the embedded model (trained by examples/train_embedded_video.py) on held-out clips.
+"""The shipped video variant of the embedded model (trained by examples/train_embedded_video.py) on held-out clips."""
 
-The model tests skip while `embedded/video_model/` is not shipped (issue 12: the direction is not learned yet)."""
-
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +8,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf.embedded import (
+    CLIP_MAX_NEW_TOKENS,
     EMBEDDED_VIDEO_MODEL_DIR,
     caption_clips,
     caption_direction,
@@ -26,12 +24,7 @@ from openflamingo_hf.embedded.world import (
 )
 
 HELD_OUT_SEED = HELD_OUT_SEED_START + 4343  # training draws its clips far below the held-out seeds
-GREEDY = {"max_new_tokens": 16, "do_sample": False}
-needs_video_model = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(EMBEDDED_VIDEO_MODEL_DIR, "config.json")),
-    reason="embedded/video_model/ is not shipped yet (train it with examples/train_embedded_video.py; issue 12)",
-)
-
+GREEDY = {"max_new_tokens": CLIP_MAX_NEW_TOKENS, "do_sample": False}
 
 def test_a_reversed_clip_shows_the_opposite_direction():
     clip = make_clips(1, HELD_OUT_SEED)[0]
@@ -42,8 +35,10 @@ def test_a_reversed_clip_shows_the_opposite_direction():
     assert caption_direction(clip.caption) == clip.direction and caption_direction("two red circles.") is None
 
 
-@pytest.mark.skipif(os.path.isfile(os.path.join(EMBEDDED_VIDEO_MODEL_DIR, "config.json")), reason="it is shipped")
-def test_the_video_loader_says_how_to_get_the_missing_model():
+def test_the_video_loader_says_how_to_get_a_missing_model(tmp_path, monkeypatch):
+    import openflamingo_hf.embedded as embedded
+
+    monkeypatch.setattr(embedded, "EMBEDDED_VIDEO_MODEL_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="train_embedded_video.py"):
         load_embedded_video_model()
 
@@ -66,7 +61,6 @@ def _pipeline_captions(pipe, clips) -> list[str]:
     return [result[0]["generated_text"].strip() for result in results]
 
 
-@needs_video_model
 def test_the_folder_loads_with_the_auto_classes_and_has_frame_embeddings():
     model = AutoModelForImageTextToText.from_pretrained(EMBEDDED_VIDEO_MODEL_DIR)
     processor = AutoProcessor.from_pretrained(EMBEDDED_VIDEO_MODEL_DIR)
@@ -75,7 +69,6 @@ def test_the_folder_loads_with_the_auto_classes_and_has_frame_embeddings():
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
 
 
-@needs_video_model
 def test_held_out_clips_are_captioned_through_the_pipeline(video_pipeline, clips):
     captions = _pipeline_captions(video_pipeline, clips)
     exact = sum(c == clip.caption for c, clip in zip(captions, clips)) / len(clips)
@@ -84,13 +77,11 @@ def test_held_out_clips_are_captioned_through_the_pipeline(video_pipeline, clips
     assert direction >= 0.8
 
 
-@needs_video_model
 def test_the_pipeline_answers_as_caption_clips(video_pipeline, clips):
     model, processor = load_embedded_video_model()
     assert _pipeline_captions(video_pipeline, clips[:6]) == caption_clips(clips[:6], model, processor)
 
 
-@needs_video_model
 def test_reversing_the_frames_reverses_the_predicted_direction(clips):
     """The direction is read from the frames' order: played backwards, a clip moving left is captioned as moving
     right (and up as down)."""
@@ -100,7 +91,6 @@ def test_reversing_the_frames_reverses_the_predicted_direction(clips):
     assert flipped >= 0.75
 
 
-@needs_video_model
 def test_evaluate_embedded_clips_scores_the_shipped_variant():
     scores = evaluate_embedded_clips(num_examples=12)
     assert set(scores) == {"clip_caption_exact", "clip_direction", "clip_reversed_direction"}

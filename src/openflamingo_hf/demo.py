@@ -6,8 +6,8 @@
 With the embedded model (a tiny OpenFlamingo trained by this package's recipe on a procedural world, see
 `openflamingo_hf.embedded`): zero-shot captions, short VQA answers, and a tag task whose format only the few-shot
 demonstrations give (in-context learning), each checked against the truth; then the same few-shot prompt through
-`pipeline("image-text-to-text")`, which must agree with `model.generate`. With `--model`: few-shot captioning of the
-given images.
+`pipeline("image-text-to-text")`, which must agree with `model.generate`; and the embedded video variant captioning
+generated clips of a moving shape, forwards and reversed. With `--model`: few-shot captioning of the given images.
 """
 
 from __future__ import annotations
@@ -75,6 +75,23 @@ def run_embedded(args: DemoArguments) -> None:
         greedy = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     if processor.post_process_generation(greedy, inputs["input_ids"])[0].strip() != piped:
         raise SystemExit("The pipeline's greedy answer differs from model.generate's: this is a bug.")
+    run_embedded_clips(args)
+
+
+def run_embedded_clips(args: DemoArguments) -> None:
+    """The video variant on generated held-out clips: only the order of the frames tells the direction, so playing a
+    clip backwards must reverse the caption's direction."""
+    from .embedded import caption_clips, load_embedded_video_model
+    from .embedded.world import CLIP_FRAMES, HELD_OUT_SEED_START, make_clips, reverse_clip
+
+    model, processor = load_embedded_video_model(args.device)
+    clips = make_clips(4, seed=HELD_OUT_SEED_START + 9000)
+    backward = [reverse_clip(clip) for clip in clips]
+    print(f"\nClips (the video variant: frame embeddings; prompt '<video>', {CLIP_FRAMES} frames each, then reversed):")
+    for clip, back, text, back_text in zip(clips, backward, caption_clips(clips, model, processor),
+                                           caption_clips(backward, model, processor)):
+        print(f"  {text!r:<36} [{_mark(text == clip.caption)}]  reversed -> {back_text!r:<36} "
+              f"[{_mark(back_text == back.caption)}]")
 
 
 def run_model(args: DemoArguments) -> None:

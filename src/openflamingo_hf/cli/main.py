@@ -104,7 +104,9 @@ demonstrations, then the query):
   "<image>Output:a cat.<|endofchunk|><image>Output:a dog.<|endofchunk|><image>Output:"
 
 Defaults, so that the command runs out of the box:
-  --model   the small model shipped with the package (trained on its own toy world of coloured shapes).
+  --model   the small model shipped with the package (trained on its own toy world of coloured shapes); with
+            --video, its video variant (frame embeddings; captions clips of a moving shape, e.g. "one red circle
+            moving left.").
   --image   the bundled sample images. With --prompt: the first N of them, N = the number of <image> markers.
   --prompt  few-shot captioning (openflamingo_hf.embedded.default_caption_prompt, built with the processor's
             few_shot_prompt): the bundled sample images with their captions are the demonstrations, and
@@ -131,7 +133,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH_OR_ID",
         help="Model folder or Hub repo id that AutoModelForImageTextToText and AutoProcessor load (e.g. the output of "
-        "openflamingo convert). Default: the model shipped with the package.",
+        "openflamingo convert). Default: the model shipped with the package (with --video, its video variant).",
     )
     inputs.add_argument(
         "--image",
@@ -376,7 +378,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_generation_arguments(args)
     device = _resolve_device(args.device)
     default_model = args.model is None
-    source = _embedded().EMBEDDED_MODEL_DIR if default_model else args.model
+    # The shipped default for videos is its video variant (frame embeddings, trained on the world's clips).
+    shipped = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR
+    source = shipped if default_model else args.model
     _check_model_source(str(source), default=default_model)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -198,6 +198,11 @@ def _load(model_dir: str | None):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The longest clip caption, "one yellow triangle moving right.", is 19 tokens with this tokenizer (which spells "moving"
+# and the directions letter by letter: the image world it was trained on has no such words), plus the stop token.
+CLIP_MAX_NEW_TOKENS = 24
+
+
 def caption_clips(clips: list[Clip], model=None, processor=None) -> list[str]:
     """Zero-shot captions of clips (prompt `<video>`, `CLIP_FRAMES` frames each), e.g. "one red circle moving left."
     Default model: the shipped video variant."""
@@ -211,7 +216,7 @@ def caption_clips(clips: list[Clip], model=None, processor=None) -> list[str]:
     inputs = processor(videos=[[c.frames] for c in clips], text=["<video>"] * len(clips), num_frames=CLIP_FRAMES,
                        return_tensors="pt").to(model.device)
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        generated = model.generate(**inputs, max_new_tokens=CLIP_MAX_NEW_TOKENS, do_sample=False)
     return [text.strip() for text in processor.post_process_generation(generated, inputs["input_ids"])]
 
 
@@ -244,6 +249,7 @@ def caption_direction(caption_text: str) -> str | None:
 
 
 __all__ = [
+    "CLIP_MAX_NEW_TOKENS",
     "EMBEDDED_MODEL_DIR",
     "EMBEDDED_VIDEO_MODEL_DIR",
     "Clip",
