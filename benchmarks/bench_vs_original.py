@@ -33,7 +33,9 @@ package runs in this process. Nothing is downloaded.
 Shapes: `small` (default): ViT 128 wide, 4 layers, 56 px; Llama 256 wide, 4 layers, vocabulary 4096; gated block
 before every layer; the original's fixed Perceiver and cross-attention sizes (6 layers, 8 heads of 64, 64 latents).
 `of3b`, `of4b`, `of9b`: CLIP ViT-L/14 and the release's language model with random weights (of3b with transformers'
-MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub).
+MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub). On our side the
+MPT shapes run this package's fast MPT, `MosaicGPTForCausalLM` (`MosaicGPTConfig.from_mpt_config`: SDPA, static cache,
+compilable), onto which the converter maps the original's transformers-MPT weights, as the 9B release converts.
 
 Threads: one torch thread per side on CPU by default (`--threads N` to change). On a small shared machine, two
 threads per op mostly measure the scheduler: in one run on 2 busy cores a B=1 decode step took 30x longer than
@@ -151,7 +153,8 @@ SHAPES: dict[str, Shape] = {
             base_vocab=GPT_NEOX_VOCAB,
             cross_attn_every_n_layers=1,
             save_lm_weights=False,
-            note="MPT-1B's sizes on transformers' MPT (the release's MosaicGPT adds q/k LayerNorm)",
+            note="MPT-1B's sizes, transformers' MPT in the original, our MosaicGPTForCausalLM (the release's MosaicGPT "
+                 "adds q/k LayerNorm)",
         ),
         Shape(
             name="of4b",
@@ -336,6 +339,7 @@ def our_config(shape: Shape, meta: dict):
     from transformers import AutoConfig, CLIPVisionConfig
 
     from openflamingo_hf import OpenFlamingoConfig
+    from openflamingo_hf.modeling.configuration_mosaic_gpt import MosaicGPTConfig
 
     clip = shape.open_clip_config
     vision = clip["vision_cfg"]
@@ -348,6 +352,8 @@ def our_config(shape: Shape, meta: dict):
     )
     text_config = AutoConfig.for_model(shape.text_model_type, **shape.text_kwargs, vocab_size=meta["vocab_size"],
                                        pad_token_id=meta["pad_token_id"])
+    if shape.text_model_type == "mpt":  # our fast MPT: the original's MptForCausalLM weights convert onto it
+        text_config = MosaicGPTConfig.from_mpt_config(text_config)
     return OpenFlamingoConfig(
         vision_config=vision_config, text_config=text_config,
         cross_attn_every_n_layers=shape.cross_attn_every_n_layers, media_token_id=meta["media_token_id"],
@@ -909,7 +915,7 @@ def build_parser():
                         help="generation in bf16 weights, training under bf16 autocast (the token check stays fp32)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per system and generation case")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (compilation happens here)")
-    parser.add_argument("--train-reps", type=int, default=3, help="timed training steps per system")
+    parser.add_argument("--train-reps", type=int, default=5, help="timed training steps per system")
     parser.add_argument("--train-warmup", type=int, default=1, help="untimed training steps first")
     parser.add_argument("--cases", default=",".join(ALL_CASES),
                         help=f"comma-separated subset of {', '.join(ALL_CASES)} (the token check always runs)")

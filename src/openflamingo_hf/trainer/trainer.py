@@ -9,8 +9,12 @@ handled here and nowhere else:
    backward per stream (so only one stream's activations are alive at a time, as in the original loop) and logs
    `loss_<stream>` besides `loss`.
 2. Only some parameters train (`freeze_for_recipe`): the Perceiver, the gated cross-attention blocks and, of the LM's
-   input embeddings, only the `<image>` and `<|endofchunk|>` rows (the other rows' gradients are zeroed after every
-   backward, so AdamW leaves them bit-identical).
+   input embeddings, only the `<image>` and `<|endofchunk|>` rows. Those rows train as a small parameter of their own
+   (`EmbeddingRows`): the full embedding weight stays frozen while training, so no vocabulary-sized gradient, gradient
+   norm, AdamW update or AdamW state exists, and the rows are copied back into the weight after every optimizer step
+   (checkpoints and the final model are the trained model). Where that cannot be done exactly (an output projection
+   tied to the embedding without a module of its own, a user-supplied optimizer), the dense gradient is computed and
+   all other rows zeroed after every backward, as the original does; either way AdamW leaves them bit-identical.
 3. Weight decay applies to the gated cross-attention weights only (not their gates, norms or biases).
 4. A non-finite loss skips the optimisation step (its gradients are dropped on every process) and is counted.
 
@@ -26,10 +30,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from accelerate.utils import DistributedType
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .collator import SKIPPED_KEY
@@ -53,8 +58,8 @@ def freeze_for_recipe(
 ) -> dict[str, int]:
     """
     Sets `requires_grad` as the recipe trains: the Perceiver, the gated cross-attention blocks and the LM's input
-    embeddings (of which `OpenFlamingoTrainer` keeps only the `<image>` / `<|endofchunk|>` rows' gradients);
-    everything else frozen.
+    embeddings (of which `OpenFlamingoTrainer` trains only the `<image>` / `<|endofchunk|>` rows, see
+    `EmbeddingRows`); everything else frozen.
 
     Args:
         model: an `OpenFlamingoForConditionalGeneration`.
@@ -87,6 +92,113 @@ def is_decayed_parameter(name: str) -> bool:
         "gated_cross_attn_layers" in name
         and not any(part in name for part in ("attn_gate", "ff_gate", "norm", "bias"))
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The embedding-row rule without vocabulary-sized gradients
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class EmbeddingRows:
+    """
+    The trainable rows of a frozen input embedding as a parameter of their own: `param` (k, dim) holds rows `ids`.
+
+    While `active`, the embedding weight does not require grad, so backward computes no (vocab, dim) gradient and the
+    optimizer holds no (vocab, dim) state; `param` is what the optimizer trains. The forward stays the frozen model's,
+    value for value: during a forward (`hooks`) the embedding's output, and a tied output projection's logits, get a
+    term `x - x.detach()`, exactly zero, whose gradient is that of the rows. `push` copies `param` into the weight
+    after every optimizer step, so the model is the trained model whenever it is saved, and `pull` reads the rows back
+    from the weight when training (re)starts, e.g. from a checkpoint. The weight's `requires_grad` is restored on
+    `release`, leaving the model as `freeze_for_recipe` set it.
+    """
+
+    def __init__(self, embedding: nn.Embedding, head: nn.Linear | None, ids: list[int]):
+        self.embedding, self.head = embedding, head
+        weight = embedding.weight
+        self.ids = torch.tensor(list(dict.fromkeys(ids)), device=weight.device)  # param[j] is row ids[j]
+        self.param = nn.Parameter(weight.detach()[self.ids].clone())
+        self.active = False
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def activate(self) -> None:
+        self.weight.requires_grad_(False)
+        self.active = True
+
+    def release(self) -> None:
+        self.weight.requires_grad_(True)
+        self.active = False
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        self.param.copy_(self.weight[self.ids])
+
+    @torch.no_grad()
+    def push(self) -> None:
+        self.weight.index_copy_(0, self.ids, self.param.to(self.weight.dtype))
+
+    @contextlib.contextmanager
+    def hooks(self):
+        """For one forward call: route the rows' gradients (input side, and the tied output side) to `param`."""
+        handles = [self.embedding.register_forward_hook(self._embedding_hook)]
+        if self.head is not None:
+            handles.append(self.head.register_forward_hook(self._head_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        match = args[0][..., None] == self.ids  # (..., k): which trainable row each token is, if any
+        picked = F.embedding(match.int().argmax(-1), self.param) * match.any(-1, keepdim=True)
+        return output + (picked - picked.detach()).to(output.dtype)
+
+    def _head_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        columns = F.linear(args[0].detach(), self.param)  # the rows' logits, as the tied weight computes them
+        return output.index_add_(-1, self.ids, (columns - columns.detach()).to(output.dtype))
+
+
+def embedding_rows_for(model: nn.Module, ids: list[int]) -> EmbeddingRows | None:
+    """
+    `EmbeddingRows` for the model's input embedding, or None where the rows' gradient cannot be rerouted exactly:
+    an embedding or output module that is not a plain `nn.Embedding` / `nn.Linear` (scaled, renormalised), or an
+    output projection tied to the embedding without a module of its own (MosaicGPT computes its logits from
+    `wte.weight` directly).
+    """
+    embedding = model.get_input_embeddings()
+    if type(embedding).forward is not nn.Embedding.forward or embedding.max_norm is not None:
+        return None
+    head = model.get_output_embeddings()
+    if head is embedding:
+        return None
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        return EmbeddingRows(embedding, head, ids) if type(head).forward is nn.Linear.forward else None
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if head is None and getattr(text_config, "tie_word_embeddings", False):
+        return None
+    return EmbeddingRows(embedding, None, ids)
+
+
+class _EmbeddingRowsCallback(TrainerCallback):
+    """Keeps the embedding weight and the trainer's `EmbeddingRows` in step: read at the start, written back after
+    every optimizer step (skipped steps included, whose gradients are dropped)."""
+
+    def __init__(self, trainer: OpenFlamingoTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        rows = self.trainer._active_embedding_rows()
+        if rows is not None:
+            rows.pull()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        rows = self.trainer._active_embedding_rows()
+        if rows is not None:
+            rows.push()
+            rows.param.grad = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,7 +265,8 @@ class OpenFlamingoTrainer(Trainer):
         loss_multipliers: weight of each stream's loss in the step's loss (default 1.0 each; v2 used laion 0.2).
         trainable_embedding_ids: the input-embedding rows that train (default: the model config's `<image>` and
             `<|endofchunk|>` ids). The filter applies while the input embeddings are the only trainable part of the
-            LM (it is off when the whole LM trains, see `freeze_for_recipe`).
+            LM (it is off when the whole LM trains, see `freeze_for_recipe`); those rows then train as
+            `EmbeddingRows`, a parameter group of their own in the optimizer this trainer creates.
         loss_logits_only: training forwards apply the LM head only where the next token carries a label (the
             model's `loss_logits_only`): the same loss for less time and memory. Off with label smoothing or a
             `compute_loss_func`, which need the logits of every position.
@@ -188,6 +301,8 @@ class OpenFlamingoTrainer(Trainer):
         self._stream_losses: dict[str, list[torch.Tensor]] = {}
         self.skipped_samples: Counter = Counter()
         self.nonfinite_steps = 0
+        self._embedding_rows: EmbeddingRows | None = None
+        self.callback_handler.callbacks.insert(0, _EmbeddingRowsCallback(self))  # before any callback that saves
 
     # ---------------------------------------------------------------- data
     def get_train_dataloader(self) -> DataLoader:
@@ -213,17 +328,31 @@ class OpenFlamingoTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [name for name, _ in model.named_parameters() if is_decayed_parameter(name)]
 
+    def create_optimizer(self, model: nn.Module | None = None):
+        creating = self.optimizer is None
+        if creating:
+            self._start_embedding_rows()
+        optimizer = super().create_optimizer(model)
+        if creating and self._embedding_rows is not None:
+            optimizer.add_param_group({"params": [self._embedding_rows.param], "weight_decay": 0.0})
+        return optimizer
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs=False, num_items_in_batch=None):
         full_logits_needed = self.label_smoother is not None or self.compute_loss_func is not None
         if self.loss_logits_only and model.training and "labels" in inputs and not full_logits_needed:
             inputs = {**inputs, "loss_logits_only": True}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        rows = self._active_embedding_rows()
+        with rows.hooks() if rows is not None and torch.is_grad_enabled() else contextlib.nullcontext():
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if self.streams is None:
             self._count_skipped(inputs.pop(SKIPPED_KEY, None))
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._mask_embedding_gradients(model)
+            self._reduce_embedding_rows_gradient()
             return loss
         return self._two_stream_step(model, inputs)
 
@@ -257,6 +386,7 @@ class OpenFlamingoTrainer(Trainer):
         if pending:
             self.accelerator.backward(torch.stack(pending).sum(), scale_wrt_gas=False)
         self._mask_embedding_gradients(model)
+        self._reduce_embedding_rows_gradient()
         return total
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
@@ -269,6 +399,8 @@ class OpenFlamingoTrainer(Trainer):
     def _skip_step(self, model: nn.Module, stream: str) -> None:
         # Gradients of None make AdamW leave every parameter (and its moments) as it is.
         model.zero_grad(set_to_none=True)
+        if self._embedding_rows is not None:
+            self._embedding_rows.param.grad = None
         self.nonfinite_steps += 1
         logger.warning(
             f"Non-finite {stream} loss at step {self.state.global_step}: skipping the step "
@@ -285,7 +417,52 @@ class OpenFlamingoTrainer(Trainer):
                 "the embeddings (freeze_for_recipe(..., freeze_lm_embeddings=True), CLI --freeze_lm_embeddings) or "
                 "use DDP."
             )
-        return super().train(*args, **kwargs)
+        if self._embedding_rows is not None:  # a later train() with the same optimizer: the rows train again
+            self._embedding_rows.activate()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._embedding_rows is not None:
+                self._embedding_rows.release()
+
+    # ---------------------------------------------------------------- the embedding rows
+    def _start_embedding_rows(self) -> None:
+        """With a new optimizer: train the embedding rows as `EmbeddingRows` where the rule applies and they can."""
+        if self._embedding_rows is not None:
+            self._embedding_rows.release()
+            self._embedding_rows = None
+        if not self._embedding_rule_applies(self.model):
+            return
+        rows = embedding_rows_for(self.accelerator.unwrap_model(self.model), self.trainable_embedding_ids)
+        if rows is None:
+            logger.info("The input embedding's trainable rows train through its masked full gradient (a scaled "
+                        "embedding, or an output projection tied to it without a module of its own).")
+            return
+        rows.activate()
+        self._embedding_rows = rows
+
+    def _active_embedding_rows(self) -> EmbeddingRows | None:
+        rows = self._embedding_rows
+        return rows if rows is not None and rows.active else None
+
+    def _reduce_embedding_rows_gradient(self) -> None:
+        """Averages the rows' gradient over processes at each synchronising step, as DDP does for the model's."""
+        rows = self._active_embedding_rows()
+        if rows is None or rows.param.grad is None or self.args.world_size <= 1 or not self.accelerator.sync_gradients:
+            return
+        rows.param.grad = self.accelerator.reduce(rows.param.grad, reduction="mean")
+
+    def _clip_grad_norm(self, model: nn.Module):
+        rows = self._active_embedding_rows()
+        if rows is None:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), rows.param], self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        rows = self._active_embedding_rows()
+        if grad_norm is None and rows is not None:
+            grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), rows.param], float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _embedding_rule_applies(self, model: nn.Module) -> bool:
         """The input embeddings train while the rest of the LM is frozen: then only some of their rows may train."""
@@ -299,7 +476,8 @@ class OpenFlamingoTrainer(Trainer):
         )
 
     def _mask_embedding_gradients(self, model: nn.Module) -> None:
-        """Zero the input-embedding gradient on every row but the trainable ones (the recipe's embedding rule)."""
+        """Zero the input-embedding gradient on every row but the trainable ones (the recipe's embedding rule, where
+        the rows do not train as `EmbeddingRows`)."""
         if not self._embedding_rule_applies(model):
             return
         weight = self.accelerator.unwrap_model(model).get_input_embeddings().weight
@@ -339,4 +517,11 @@ class OpenFlamingoTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["OpenFlamingoTrainer", "ZippedStreams", "freeze_for_recipe", "is_decayed_parameter"]
+__all__ = [
+    "EmbeddingRows",
+    "OpenFlamingoTrainer",
+    "ZippedStreams",
+    "embedding_rows_for",
+    "freeze_for_recipe",
+    "is_decayed_parameter",
+]
