@@ -9,6 +9,9 @@ cancel out, leaving the per-token step. Rows, all on the same random model and i
   * `eager static`: `cache_implementation="static"`;
   * `compiled static`: static cache with the decode step compiled by `generate()` itself
     (`CompileConfig(fullgraph=True)`: one graph, no breaks, or the row fails);
+  * `compiled static, C++ wrapper` (CPU only): the same with inductor's `cpp_wrapper` option, which removes the
+    Python wrapper's per-call overhead (on a GPU, "reduce-overhead" CUDA graphs do that);
+  every row's greedy tokens are compared with eager dynamic's (the note says whether they are equal);
   * `K-shot`: the same decode after a prompt of K demonstrations (K images + their text). With immediate media a
     decoding token reads only its own image's latents, so the step should not grow with K.
 Nothing is downloaded.
@@ -22,7 +25,7 @@ import torch
 from bench_generate import timed  # this folder is on sys.path when a benchmark runs as a script
 from transformers import CompileConfig
 
-from openflamingo_hf import OpenFlamingoForConditionalGeneration
+from openflamingo_hf import OpenFlamingoForConditionalGeneration, decode_compile_config
 from openflamingo_hf.tiny_models import tiny_openflamingo_config
 
 
@@ -61,12 +64,18 @@ def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: in
     return max(long - short, 1e-9) / (new_tokens - 1) * 1e3
 
 
-def compile_config(device: str) -> CompileConfig:
-    # "reduce-overhead" (CUDA graphs) is the GPU default; on CPU plain inductor. generate() compiles only on
-    # accelerators unless told to compile everywhere.
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.startswith("cuda") else None)
-    config._compile_all_devices = True
+def compile_config(device: str, cpp_wrapper: bool = True) -> CompileConfig:
+    """The package's decode compile config (`decode_compile_config`: CUDA graphs on a GPU, inductor's C++ wrapper
+    on CPU); with `cpp_wrapper=False` on CPU, plain inductor (its Python wrapper), to show what the wrapper costs."""
+    config = decode_compile_config(device)
+    if not cpp_wrapper and not device.startswith("cuda"):
+        config.options = None
     return config
+
+
+def greedy_tokens(model, inputs, new_tokens: int, **generate_kwargs) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, **generate_kwargs)
 
 
 @torch.no_grad()
@@ -77,15 +86,22 @@ def run(family: str, device: str, batch_size: int, new_tokens: int, repeats: int
     cases = {
         "eager dynamic": {},
         "eager static": {"cache_implementation": "static"},
-        "compiled static": {"cache_implementation": "static", "compile_config": compile_config(device)},
+        "compiled static": {"cache_implementation": "static", "compile_config": compile_config(device, False)},
     }
+    if not device.startswith("cuda"):
+        cases["compiled static, C++ wrapper"] = {
+            "cache_implementation": "static", "compile_config": compile_config(device)
+        }
+    reference = greedy_tokens(model, inputs, new_tokens)
     for name, kwargs in cases.items():
         try:
             ms = decode_ms_per_token(model, inputs, device, new_tokens, repeats, **kwargs)
+            same = torch.equal(greedy_tokens(model, inputs, new_tokens, **kwargs), reference)
         except Exception as error:  # a row that cannot run says why, the others still run
             rows.append({"case": name, "ms_per_token": None, "note": f"failed: {str(error).splitlines()[0][:80]}"})
             continue
-        rows.append({"case": name, "ms_per_token": ms, "note": "2-shot prompt"})
+        note = "2-shot prompt, tokens " + ("= eager dynamic" if same else "DIFFER from eager dynamic")
+        rows.append({"case": name, "ms_per_token": ms, "note": note})
     for k in shots:
         ms = decode_ms_per_token(model, few_shot_inputs(model, k, batch_size, device), device, new_tokens, repeats)
         rows.append({"case": f"{k}-shot", "ms_per_token": ms, "note": f"eager dynamic, {k + 1} images"})

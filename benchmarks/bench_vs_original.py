@@ -376,14 +376,11 @@ def convert_to_ours(state_dict: dict, shape: Shape, meta: dict):
 
 
 def compile_settings(device: str) -> dict:
-    """`generate` arguments of our best decode configuration: a static cache, whose decode step transformers
-    compiles by itself; on CPU only when the compile config says so (`_compile_all_devices`)."""
-    from transformers import CompileConfig
+    """`generate` arguments of our best decode configuration: a static cache, whose decode step transformers compiles
+    by itself with the package's `decode_compile_config` (CUDA graphs on a GPU, inductor's C++ wrapper on CPU)."""
+    from openflamingo_hf import decode_compile_config
 
-    compile_config = CompileConfig()
-    if device == "cpu":
-        compile_config._compile_all_devices = True
-    return {"cache_implementation": "static", "compile_config": compile_config}
+    return {"cache_implementation": "static", "compile_config": decode_compile_config(device)}
 
 
 class OursGenerator:

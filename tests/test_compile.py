@@ -6,6 +6,8 @@ against the code path under test.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch._dynamo
@@ -160,3 +162,28 @@ def test_decode_steps_after_many_shots_read_as_many_latents_as_after_one():
         prefill_calls = len(model.gated_cross_attn_layers)
         lengths_by_shots[shots] = set(lengths[prefill_calls:])
     assert lengths_by_shots[1] == lengths_by_shots[8] == {model.config.perceiver_num_latents}
+
+
+def test_decode_compile_config_per_device():
+    from openflamingo_hf import decode_compile_config
+
+    cpu = decode_compile_config("cpu")
+    assert cpu.fullgraph and cpu.mode is None and cpu.options == {"cpp_wrapper": True}
+    assert cpu._compile_all_devices  # else generate() would not compile on CPU at all
+    gpu = decode_compile_config(torch.device("cuda", 0))
+    assert gpu.fullgraph and gpu.mode == "reduce-overhead" and not gpu.options
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_inductor_cpp_wrapper_generation_equals_eager_generation():
+    """The CPU configuration the benchmarks time (real inductor, C++ wrapper: ~30 s of C++ compilation, once) gives
+    the eager tokens on a left-padded batch with padding image slots."""
+    from openflamingo_hf import decode_compile_config
+
+    model, processor = build_tiny_model_and_processor("llama")
+    inputs = _batch(processor)
+    eager = _greedy(model, inputs)
+    torch._dynamo.reset()
+    compiled = _greedy(model, inputs, cache_implementation="static", compile_config=decode_compile_config("cpu"))
+    assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
+    assert torch.equal(compiled, eager)

@@ -16,6 +16,7 @@ from .modeling.modeling_openflamingo import (
     OpenFlamingoMediaCache,
     OpenFlamingoPerceiverResampler,
     OpenFlamingoPreTrainedModel,
+    decode_compile_config,
     find_decoder_layers,
 )
 from .processing.processing_openflamingo import OpenFlamingoProcessor
@@ -36,6 +37,7 @@ __all__ = [
     "OpenFlamingoPerceiverResampler",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",
+    "decode_compile_config",
     "export_for_hub",
     "find_decoder_layers",
 ]
