@@ -8,11 +8,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from openflamingo_hf import OpenFlamingoForConditionalGeneration
-from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
+from openflamingo_hf.testing_utils import build_tiny_model_and_processor, recipe_sample
 from openflamingo_hf.trainer import OpenFlamingoDataCollator, OpenFlamingoTrainer, freeze_for_recipe
 from openflamingo_hf.trainer.trainer import embedding_rows_for
 
-CAPTIONS = ["a cat", "a dog on a mat", "two birds", "a red car", "a man", "a plate of food", "a bus", "a horse"]
 BATCH_SIZES = {"laion": 4, "mmc4": 2}
 MULTIPLIERS = {"laion": 0.2, "mmc4": 1.0}
 LEARNING_RATE = 1e-2  # large, so that a step moves the rows well beyond the tolerances
@@ -21,37 +20,17 @@ LEARNING_RATE = 1e-2  # large, so that a step moves the rows well beyond the tol
 def _model(family: str, tied: bool = False, seed: int = 0):
     """A tiny model and processor; `tied`: a Llama whose output projection is its input embedding (a module of its
     own sharing the weight, as the embedded model's)."""
-    model, processor = build_tiny_model_and_processor(family, seed=seed)
+    tie = {"tie_word_embeddings": True} if tied else {}
+    model, processor = build_tiny_model_and_processor(family, seed=seed, text_config_overrides=tie, **tie)
     if tied:
-        config = model.config
-        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
-        torch.manual_seed(seed)
-        model = OpenFlamingoForConditionalGeneration(config).eval()
-        with torch.no_grad():
-            for block in model.gated_cross_attn_layers.values():
-                block.attn_gate.fill_(0.5)
-                block.ff_gate.fill_(0.5)
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     freeze_for_recipe(model)
     return model, processor
 
 
-def _sample(processor, index: int, interleaved: bool, max_length: int = 24) -> dict:
-    if interleaved:
-        text = processor.interleaved_text(["Intro.", f"{CAPTIONS[index % 8]}.", "a dog."], [1, 2])
-        images = [make_image(index), make_image(index + 100)]
-    else:
-        text, images = processor.pair_text(CAPTIONS[index % 8]), [make_image(index)]
-    batch = processor(images=[images], text=[text], return_tensors="pt", padding="max_length", max_length=max_length,
-                      padding_side="right", truncation=True)
-    labels = processor.pretraining_labels(batch["input_ids"], batch["attention_mask"], interleaved=interleaved)[0]
-    return {"input_ids": batch["input_ids"][0], "attention_mask": batch["attention_mask"][0],
-            "pixel_values": batch["pixel_values"][0], "labels": labels}
-
-
 def _rows(processor, n: int = 8) -> dict[str, list[dict]]:
-    return {"laion": [_sample(processor, i, False) for i in range(n)],
-            "mmc4": [_sample(processor, i, True) for i in range(n)]}
+    return {"laion": [recipe_sample(processor, i, False) for i in range(n)],
+            "mmc4": [recipe_sample(processor, i, True) for i in range(n)]}
 
 
 def _streams(rows: dict[str, list[dict]]) -> dict:
@@ -120,7 +99,7 @@ def test_loss_and_gradients_equal_the_masked_dense_gradient(family, tied):
     model, processor = _model(family, tied=family == "llama" and tied)
     ids = _special_ids(model)
     collate = OpenFlamingoDataCollator(processor.tokenizer.pad_token_id)
-    batch = collate([_sample(processor, i, True) for i in range(3)])
+    batch = collate([recipe_sample(processor, i, True) for i in range(3)])
     assert all(int((batch["input_ids"] == i).sum()) >= 3 for i in ids)
     weight = model.get_input_embeddings().weight
     output_is_tied = model.get_output_embeddings().weight is weight
@@ -267,7 +246,8 @@ def test_a_user_optimizer_keeps_the_masked_dense_gradient(tmp_path):
     """An optimizer passed in cannot hold the rows' parameter: the rows then train through the masked gradient."""
     model, processor = _model("llama")
     initial = model.get_input_embeddings().weight.detach().clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0)
     trainer = OpenFlamingoTrainer(
         model=model, args=TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
                                             remove_unused_columns=False, save_strategy="no", disable_tqdm=True),

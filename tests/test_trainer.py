@@ -12,33 +12,14 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
+from openflamingo_hf.testing_utils import build_tiny_model_and_processor, recipe_sample
 from openflamingo_hf.trainer.collator import OpenFlamingoDataCollator
 from openflamingo_hf.trainer.trainer import OpenFlamingoTrainer, freeze_for_recipe, is_decayed_parameter
 
-CAPTIONS = ["a cat", "a dog on a mat", "two birds", "a red car", "a man", "a plate of food", "a bus", "a horse"]
-
-
-def _sample(processor, index, interleaved, max_length=24, no_loss=False):
-    if interleaved:
-        text = processor.interleaved_text(["Intro.", f"{CAPTIONS[index % 8]}.", "a dog."], [1, 2])
-        images = [make_image(index), make_image(index + 100)]
-    else:
-        text, images = processor.pair_text(CAPTIONS[index % 8]), [make_image(index)]
-    batch = processor(images=[images], text=[text], return_tensors="pt", padding="max_length", max_length=max_length,
-                      padding_side="right", truncation=True)
-    labels = processor.pretraining_labels(batch["input_ids"], batch["attention_mask"], interleaved=interleaved)[0]
-    return {
-        "input_ids": batch["input_ids"][0],
-        "attention_mask": batch["attention_mask"][0],
-        "pixel_values": batch["pixel_values"][0],
-        "labels": torch.full_like(labels, -100) if no_loss else labels,
-    }
-
 
 def _streams(processor, n=8, no_loss_at=()):
-    laion = [_sample(processor, i, False) for i in range(n)]
-    mmc4 = [_sample(processor, i, True, no_loss=(i in no_loss_at)) for i in range(n)]
+    laion = [recipe_sample(processor, i, False) for i in range(n)]
+    mmc4 = [recipe_sample(processor, i, True, no_loss=(i in no_loss_at)) for i in range(n)]
     to_dataset = lambda rows: datasets.Dataset.from_list(rows).with_format("torch")  # noqa: E731
     return {"laion": to_dataset(laion), "mmc4": to_dataset(mmc4)}
 

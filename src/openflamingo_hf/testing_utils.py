@@ -73,7 +73,10 @@ def make_image(seed: int, size: tuple[int, int] = (32, 40)) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: float | None = 0.5, **config_overrides):
+def build_tiny_model_and_processor(
+    family: str = "llama", seed: int = 0, gate: float | None = 0.5, text_config_overrides: dict | None = None,
+    **config_overrides,
+):
     """
     A tiny random OpenFlamingo and a matching `OpenFlamingoProcessor`, consistent with each other as a converted
     release is: the tokenizer has the special tokens, the model's vocabulary is `len(tokenizer)`, `media_token_id` /
@@ -84,6 +87,7 @@ def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: f
         family: language-model family of `openflamingo_hf.tiny_models.tiny_text_config`.
         seed: seed of the random weights.
         gate: value given to every `attn_gate` / `ff_gate` (non-zero so that images matter); `None` keeps zeros.
+        text_config_overrides: fields of the language model's config (e.g. `{"tie_word_embeddings": True}`).
         **config_overrides: other `OpenFlamingoConfig` fields.
     Returns:
         `(model, processor)`, the model in eval mode.
@@ -103,7 +107,7 @@ def build_tiny_model_and_processor(family: str = "llama", seed: int = 0, gate: f
     tokenizer = processor.tokenizer
     config.text_config = tiny_text_config(
         family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **(text_config_overrides or {}),
     )
     processor.update_model_config(config)
     torch.manual_seed(seed)
@@ -151,3 +155,25 @@ def save_tiny_backbones(folder, family: str = "llama", seed: int = 0) -> tuple[s
 
 
 __all__ = ["EOS_TOKEN", "build_tiny_model_and_processor", "build_tiny_tokenizer", "make_image", "save_tiny_backbones"]
+
+
+TINY_CAPTIONS = ["a cat", "a dog on a mat", "two birds", "a red car", "a man", "a plate of food", "a bus", "a horse"]
+
+
+def recipe_sample(processor, index: int, interleaved: bool, max_length: int = 24, no_loss: bool = False) -> dict:
+    """One tokenized training sample with the recipe's labels (`processor.pretraining_labels`), padded to
+    `max_length`: a caption pair, or (`interleaved`) a 3-chunk document with 2 images. `no_loss`: every label -100."""
+    if interleaved:
+        text = processor.interleaved_text(["Intro.", f"{TINY_CAPTIONS[index % 8]}.", "a dog."], [1, 2])
+        images = [make_image(index), make_image(index + 100)]
+    else:
+        text, images = processor.pair_text(TINY_CAPTIONS[index % 8]), [make_image(index)]
+    batch = processor(images=[images], text=[text], return_tensors="pt", padding="max_length", max_length=max_length,
+                      padding_side="right", truncation=True)
+    labels = processor.pretraining_labels(batch["input_ids"], batch["attention_mask"], interleaved=interleaved)[0]
+    return {
+        "input_ids": batch["input_ids"][0],
+        "attention_mask": batch["attention_mask"][0],
+        "pixel_values": batch["pixel_values"][0],
+        "labels": labels.new_full(labels.shape, -100) if no_loss else labels,
+    }
