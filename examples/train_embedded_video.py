@@ -63,8 +63,8 @@ PROBE_SEED = HELD_OUT_SEED_START + 7500  # held-out clips of the progress probe 
 class WorldMix(torch.utils.data.IterableDataset):
     """Training samples drawn on the fly (reproducible from `seed`): clips and the world's image tasks, one kind per
     batch of `batch_size` consecutive samples. One kind a batch because the collator pads every sample to the
-    batch's most images and most frames, and the vision tower encodes the padding too: a clip (1 x 4 frames) next to
-    a tag document (4 x 1) would cost 16 frames a sample."""
+    batch's most images and most frames: the vision tower skips padding frames, but the Perceiver still runs over
+    the padded slots (masked), so a clip (1 x 4 frames) next to a tag document (4 x 1) would cost it 16 frames."""
 
     def __init__(self, processor, num_batches: int, batch_size: int, seed: int, mix: dict[str, float] = MIX):
         self.processor, self.num_batches, self.batch_size, self.seed = processor, num_batches, batch_size, seed
