@@ -187,3 +187,49 @@ def test_inductor_cpp_wrapper_generation_equals_eager_generation():
     compiled = _greedy(model, inputs, cache_implementation="static", compile_config=decode_compile_config("cpu"))
     assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_image_runs_equal_the_masked_cross_attention_in_loss_and_gradients(family, monkeypatch):
+    """With immediate media, many-token calls (training, prefill) let each image's run of tokens attend that image's
+    latents alone. Loss, logits and every gradient equal the masked attention over all images (the path taken when
+    `_image_runs` declines), on a left-padded batch with padding image slots, text before the first image and an
+    <image> token beyond the images given."""
+    from openflamingo_hf import OpenFlamingoForConditionalGeneration
+
+    model, processor = build_tiny_model_and_processor(family, perceiver_num_latents=4)
+    texts = ["Hi <image>A cat.<|endofchunk|><image>A dog.<|endofchunk|><image>Two", "<image>One bird then",
+             "<image>A<|endofchunk|><image>B"]
+    images = [[make_image(i) for i in range(3)], [make_image(5)], [make_image(7), make_image(8)]]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    inputs["input_ids"][1, -3] = model.config.media_token_id  # an <image> beyond the one image given: sees none
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    media_index = model.get_media_index(inputs["input_ids"])
+    runs = model._image_runs(media_index, 3)
+    assert runs is not None and runs.shape[:2] == (3, 3) and runs.shape[2] < inputs["input_ids"].shape[1]
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), out.loss.detach(), grads
+
+    by_image = loss_and_grads()
+    monkeypatch.setattr(OpenFlamingoForConditionalGeneration, "_image_runs", staticmethod(lambda *args: None))
+    masked = loss_and_grads()
+    torch.testing.assert_close(by_image[0], masked[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_image[1], masked[1], atol=1e-6, rtol=1e-6)
+    assert by_image[2].keys() == masked[2].keys() and any("gated_cross_attn" in n for n in masked[2])
+    for name, grad in masked[2].items():
+        torch.testing.assert_close(by_image[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_image_runs_decline_a_media_index_that_is_not_contiguous():
+    from openflamingo_hf import OpenFlamingoForConditionalGeneration
+
+    runs = OpenFlamingoForConditionalGeneration._image_runs
+    assert runs(torch.tensor([[0, 1, 1, 2, 2, 2]]), 2).tolist() == [[[1, 2, 6], [3, 4, 5]]]
+    assert runs(torch.tensor([[1, 2, 1]]), 2) is None  # image 1's tokens are not one run
+    assert runs(torch.tensor([[0, 0]]), 2) is None  # no token sees an image

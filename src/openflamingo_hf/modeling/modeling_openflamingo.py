@@ -243,6 +243,7 @@ class OpenFlamingoCrossAttention(nn.Module):
         value: torch.Tensor,
         attn_mask: torch.Tensor | None,
         has_media: torch.Tensor,
+        image_runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -250,17 +251,52 @@ class OpenFlamingoCrossAttention(nn.Module):
             key, value: (batch, num_heads, num_images * num_latents, head_dim) from `project_media`, or the latents of
                 one image per row, (batch, num_heads, num_latents, head_dim), which every token of that row attends.
             attn_mask: (batch, 1, seq_len, num_images * num_latents) bool, True where a token may attend; `None` with
-                one image per row. Rows of tokens that see no image are all True (any finite values will do: they
-                are zeroed below), so the softmax never sees an all-masked row and cannot produce NaN.
+                one image per row or with `image_runs`. Rows of tokens that see no image are all True (any finite
+                values will do: they are zeroed below), so the softmax never sees an all-masked row and cannot
+                produce NaN.
             has_media: (batch, seq_len, 1) bool, False for tokens that see no image.
+            image_runs: (batch, num_images, run_len) with immediate media: the positions of the tokens that attend
+                image j (one contiguous run), `seq_len` past a run's end; each run then attends its image's latents
+                alone instead of all images under a mask.
         Returns:
             (batch, seq_len, dim); exactly zero at tokens that see no image.
         """
         query = self.to_q(self.norm(hidden_states))
         query = query.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        if image_runs is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        else:
+            out = self._attend_by_image(query, key, value, image_runs)
         out = self.to_out(out.transpose(1, 2).flatten(2))
         return torch.where(has_media, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    @staticmethod
+    def _attend_by_image(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_runs: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Each image's run of tokens attends that image's latents: (batch * num_images) attentions of run_len queries
+        over num_latents keys, instead of seq_len queries over num_images * num_latents keys under a mask.
+
+        Args:
+            query: (batch, heads, seq_len, head_dim); key, value: (batch, heads, num_images * num_latents, head_dim)
+            image_runs: (batch, num_images, run_len) token positions, `seq_len` for padding
+        Returns:
+            (batch, heads, seq_len, head_dim); zero at tokens in no run
+        """
+        batch, heads, seq_len, head_dim = query.shape
+        num_images, run_len = image_runs.shape[1:]
+        # Index views broadcast over heads and head_dim (expand allocates nothing).
+        spread = lambda index: index.flatten(1)[:, None, :, None].expand(-1, heads, -1, head_dim)  # noqa: E731
+        runs = query.gather(2, spread(image_runs.clamp(max=seq_len - 1))).unflatten(2, (num_images, run_len))
+        # (batch, heads, images, len, head_dim) -> (batch * images, heads, len, head_dim)
+        by_image = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731
+        split = lambda x: by_image(x.unflatten(2, (num_images, -1)))  # noqa: E731
+        out = F.scaled_dot_product_attention(by_image(runs), split(key), split(value))
+        out = out.unflatten(0, (batch, num_images)).transpose(1, 2).flatten(2, 3)
+        # Padding entries land in one extra slot past the sequence, which is dropped.
+        full = out.new_zeros(batch, heads, seq_len + 1, head_dim).scatter(2, spread(image_runs), out)
+        return full[:, :, :seq_len]
 
 
 class GatedCrossAttentionBlock(GradientCheckpointingLayer):
@@ -287,17 +323,18 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
         value: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         has_media: torch.Tensor | None = None,
+        image_runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: (batch, seq_len, dim) input of the decoder layer this block precedes.
-            key, value, attn_mask, has_media: see `OpenFlamingoCrossAttention.forward`; `None` when the input has no
-                image at all (then the attention half contributes nothing).
+            key, value, attn_mask, has_media, image_runs: see `OpenFlamingoCrossAttention.forward`; `None` when the
+                input has no image at all (then the attention half contributes nothing).
         Returns:
             (batch, seq_len, dim)
         """
         if key is not None:
-            attn_out = self.attn(hidden_states, key, value, attn_mask, has_media)
+            attn_out = self.attn(hidden_states, key, value, attn_mask, has_media, image_runs)
             hidden_states = hidden_states + self.attn_gate.tanh() * attn_out
         return hidden_states + self.ff_gate.tanh() * self.ff(hidden_states)
 
@@ -346,6 +383,9 @@ class _CrossAttentionInputs:
     # (immediate media, one token per step: decoding). Then each block reads that image's latents alone instead of
     # masking all of them, so decoding after a 32-shot prompt costs what it costs after a 1-shot one.
     image_index: torch.Tensor | None = None
+    # (batch, num_images, run_len) with immediate media over many tokens (training, prefill): the positions of each
+    # image's tokens, which attend that image alone (`OpenFlamingoCrossAttention._attend_by_image`); None otherwise.
+    image_runs: torch.Tensor | None = None
     blocks_run: int = 0  # gated blocks run so far in this call
 
     def key_value(self, layer_key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,12 +425,13 @@ def _gated_cross_attention_pre_hook(layer_key: str, module: nn.Module, args: tup
     inputs.blocks_run += 1
     hidden_states = args[0] if args else kwargs["hidden_states"]
     device = block.ff_gate.device  # with device_map="auto" a block may live elsewhere than its decoder layer
-    key = value = attn_mask = has_media = None
+    key = value = attn_mask = has_media = image_runs = None
     if inputs.media_cache is not None:
         key, value = inputs.key_value(layer_key, device)
         has_media = inputs.has_media.to(device)
         attn_mask = inputs.attn_mask.to(device) if inputs.attn_mask is not None else None
-    out = block(hidden_states.to(device), key, value, attn_mask, has_media).to(hidden_states.device)
+        image_runs = inputs.image_runs.to(device) if inputs.image_runs is not None else None
+    out = block(hidden_states.to(device), key, value, attn_mask, has_media, image_runs).to(hidden_states.device)
     if args:
         return (out, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": out}
@@ -1149,8 +1190,49 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if self.config.only_attend_immediate_media and media_index.shape[1] == 1:
             image_index, has_media = self._immediate_image(media_index, media_cache)
             return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, None, has_media, image_index)
+        if self.config.only_attend_immediate_media and not torch.compiler.is_compiling():
+            image_runs = self._image_runs(media_index, media_cache.image_mask.shape[1])
+            if image_runs is not None:
+                has_media = self._immediate_has_media(media_index, media_cache)
+                return _CrossAttentionInputs(
+                    self.gated_cross_attn_layers, media_cache, None, has_media, image_runs=image_runs
+                )
         attn_mask, has_media = self._cross_attention_mask(media_index, media_cache)
         return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, attn_mask, has_media)
+
+    @staticmethod
+    def _image_runs(media_index: torch.LongTensor, num_images: int) -> torch.LongTensor | None:
+        """
+        With immediate media the tokens that attend image j are those whose media index is j: one contiguous run per
+        image, since the index never decreases along a row. Their positions, padded with `seq_len` to the longest
+        run; None when a run is not contiguous (a hand-made media_index), so the caller masks instead.
+
+        Args:
+            media_index: (batch, seq_len) 1-based image number of each token.
+        Returns:
+            (batch, num_images, run_len) long
+        """
+        seq_len = media_index.shape[1]
+        number = torch.arange(1, num_images + 1, device=media_index.device)
+        in_run = media_index[:, None, :] == number[None, :, None]  # (batch, images, seq_len)
+        counts = in_run.sum(-1)
+        starts = in_run.int().argmax(-1)
+        ends = seq_len - in_run.flip(-1).int().argmax(-1)
+        run_len = int(counts.max())
+        if run_len == 0 or not bool(((ends - starts == counts) | (counts == 0)).all()):
+            return None
+        offsets = torch.arange(run_len, device=media_index.device)
+        positions = starts[..., None] + offsets
+        return torch.where(offsets < counts[..., None], positions, seq_len)
+
+    @staticmethod
+    def _immediate_has_media(media_index: torch.LongTensor, media_cache: OpenFlamingoMediaCache) -> torch.Tensor:
+        """(batch, seq_len, 1) bool: the token's image exists (after the first image, within the images given, not
+        a padding slot), as `_cross_attention_mask` decides it for immediate media."""
+        image_mask = media_cache.image_mask.to(media_index.device)
+        slot = (media_index - 1).clamp(min=0, max=image_mask.shape[1] - 1)
+        real = image_mask.gather(1, slot)
+        return ((media_index >= 1) & (media_index <= image_mask.shape[1]) & real)[..., None]
 
     @staticmethod
     def _immediate_image(
