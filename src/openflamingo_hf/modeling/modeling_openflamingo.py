@@ -208,7 +208,8 @@ class OpenFlamingoPerceiverResampler(nn.Module):
 
 
 class OpenFlamingoCrossAttention(nn.Module):
-    """Text tokens (queries) attend to image latents (keys/values), restricted by a media mask."""
+    """Text tokens (queries) attend to image latents (keys/values): the images a media mask allows, or (immediate
+    media) each token its own image, read per image run or, when decoding, as that image alone."""
 
     def __init__(self, dim: int, vision_dim: int, num_heads: int, head_dim: int):
         super().__init__()
