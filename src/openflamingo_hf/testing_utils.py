@@ -154,8 +154,6 @@ def save_tiny_backbones(folder, family: str = "llama", seed: int = 0) -> tuple[s
     return vision_path, lm_path
 
 
-__all__ = ["EOS_TOKEN", "build_tiny_model_and_processor", "build_tiny_tokenizer", "make_image", "save_tiny_backbones"]
-
 
 TINY_CAPTIONS = ["a cat", "a dog on a mat", "two birds", "a red car", "a man", "a plate of food", "a bus", "a horse"]
 
@@ -177,3 +175,14 @@ def recipe_sample(processor, index: int, interleaved: bool, max_length: int = 24
         "pixel_values": batch["pixel_values"][0],
         "labels": labels.new_full(labels.shape, -100) if no_loss else labels,
     }
+
+
+__all__ = [
+    "EOS_TOKEN",
+    "TINY_CAPTIONS",
+    "build_tiny_model_and_processor",
+    "build_tiny_tokenizer",
+    "make_image",
+    "recipe_sample",
+    "save_tiny_backbones",
+]

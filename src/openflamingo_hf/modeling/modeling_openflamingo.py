@@ -900,7 +900,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             (batch, num_images, num_frames, num_patches, vision_dim)
         """
         pixel_values = self._check_pixel_values(pixel_values)
-        frame_mask = self._check_frame_mask(frame_mask, pixel_values)
+        return self._encode_frames(pixel_values, self._check_frame_mask(frame_mask, pixel_values))
+
+    def _encode_frames(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        """`get_vision_features` on checked inputs: 6-D pixel values, a bool frame mask of their first axes."""
         flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
         real = None
         if frame_mask is not None and not torch.compiler.is_compiling():
@@ -910,12 +913,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # A frozen tower keeps no activations for backward.
         vision_trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(vision_trainable):
-            encoded = self.vision_model(pixel_values=flat if real is None else flat[real]).last_hidden_state
+            features = self.vision_model(pixel_values=flat if real is None else flat[real]).last_hidden_state
         if self.config.vision_feature_select_strategy == "default":
-            encoded = encoded[:, 1:]
-        features = encoded
+            features = features[:, 1:]
         if real is not None:
-            features = encoded.new_zeros((flat.shape[0], *encoded.shape[1:])).index_put((real,), encoded)
+            features = features.new_zeros((flat.shape[0], *features.shape[1:])).index_put((real,), features)
         return features.unflatten(0, pixel_values.shape[:3])
 
     def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -929,8 +931,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         Returns:
             (batch, num_images, num_latents, vision_dim)
         """
-        features = self.get_vision_features(pixel_values, frame_mask)
-        frame_mask = self._check_frame_mask(frame_mask, features)
+        pixel_values = self._check_pixel_values(pixel_values)
+        frame_mask = self._check_frame_mask(frame_mask, pixel_values)
+        features = self._encode_frames(pixel_values, frame_mask)
         return self.perceiver(features.to(self.perceiver.latents.dtype), frame_mask)
 
     def get_media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
@@ -1184,17 +1187,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def _cross_attention_inputs(
         self, media_index: torch.LongTensor | None, media_cache: OpenFlamingoMediaCache | None
     ) -> _CrossAttentionInputs:
-        """What the gated blocks of this call attend to: all images under a mask, or (decoding one token with
-        immediate media) each row's one image."""
+        """What the gated blocks of this call attend to: all images under a mask, or with immediate media each
+        token its own image (decoding one token: that image's latents; many tokens: per image run)."""
         if media_cache is None:
             return _CrossAttentionInputs(self.gated_cross_attn_layers, None, None, None)
         if self.config.only_attend_immediate_media and media_index.shape[1] == 1:
             image_index, has_media = self._immediate_image(media_index, media_cache)
-            return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, None, has_media, image_index)
+            return _CrossAttentionInputs(self.gated_cross_attn_layers, media_cache, None, has_media, image_index[:, 0])
         if self.config.only_attend_immediate_media and not torch.compiler.is_compiling():
             image_runs = self._image_runs(media_index, media_cache.image_mask.shape[1])
             if image_runs is not None:
-                has_media = self._immediate_has_media(media_index, media_cache)
+                _, has_media = self._immediate_image(media_index, media_cache)
                 return _CrossAttentionInputs(
                     self.gated_cross_attn_layers, media_cache, None, has_media, image_runs=image_runs
                 )
@@ -1227,35 +1230,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return torch.where(offsets < counts[..., None], positions, seq_len)
 
     @staticmethod
-    def _immediate_has_media(media_index: torch.LongTensor, media_cache: OpenFlamingoMediaCache) -> torch.Tensor:
-        """(batch, seq_len, 1) bool: the token's image exists (after the first image, within the images given, not
-        a padding slot), as `_cross_attention_mask` decides it for immediate media."""
-        image_mask = media_cache.image_mask.to(media_index.device)
-        slot = (media_index - 1).clamp(min=0, max=image_mask.shape[1] - 1)
-        real = image_mask.gather(1, slot)
-        return ((media_index >= 1) & (media_index <= image_mask.shape[1]) & real)[..., None]
-
-    @staticmethod
     def _immediate_image(
         media_index: torch.LongTensor, media_cache: OpenFlamingoMediaCache
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """
-        The one image a single new token attends to under immediate media (the same as `_cross_attention_mask`
-        allows it, without materializing a mask over every image).
+        The one image each token attends to under immediate media (the same as `_cross_attention_mask` allows it,
+        without materializing a mask over every image).
 
         Args:
-            media_index: (batch, 1) 1-based image number of the new token of each row.
+            media_index: (batch, seq_len) 1-based image number of each token.
         Returns:
-            image_index: (batch,) 0-based image slot (clamped to a valid slot where the token sees no image).
-            has_media: (batch, 1, 1) bool, False where the token sees no image (before the first one, beyond the
-                images given, or at a padding slot).
+            image_index: (batch, seq_len) 0-based image slot (clamped to a valid slot where the token sees no image).
+            has_media: (batch, seq_len, 1) bool, False where the token sees no image (before the first one, beyond
+                the images given, or at a padding slot).
         """
         image_mask = media_cache.image_mask.to(media_index.device)
-        number = media_index[:, 0]
-        image_index = (number - 1).clamp(min=0, max=image_mask.shape[1] - 1)
-        real = image_mask.gather(1, image_index[:, None])[:, 0]
-        has_media = (number >= 1) & (number <= image_mask.shape[1]) & real
-        return image_index, has_media[:, None, None]
+        image_index = (media_index - 1).clamp(min=0, max=image_mask.shape[1] - 1)
+        real = image_mask.gather(1, image_index)
+        has_media = (media_index >= 1) & (media_index <= image_mask.shape[1]) & real
+        return image_index, has_media[..., None]
 
     def _language_model_kwargs(
         self,
