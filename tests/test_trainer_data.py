@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -511,7 +512,7 @@ def test_pair_dataset_skips_and_counts_bad_data(processor, tmp_path):
 
     # The junk shard yields nothing: its count travels with the next sample this process yields.
     shards = [str(junk), str(good), str(tmp_path / "missing.tar"), str(truncated), str(bad_header)]
-    samples = list(build_pair_dataset(shards, processor, seed=0))
+    samples = list(build_pair_dataset(shards, processor, seed=0, shuffle=False))
     assert captions(samples, processor) == [
         "good 0", "good 1", "jpeg one", "fine", "truncated 0", "truncated 1", "header 0"]
     assert summed_skips(samples) == {data.UNDECODABLE_IMAGE: 1, data.MISSING_FIELDS: 2, data.TRUNCATED_TAR: 1,
@@ -546,7 +547,7 @@ def test_pair_dataset_jsonl_and_folder(processor, tmp_path):
     make_image(2, (24, 24)).save(folder / "y.png")  # no caption
     (folder / "z.txt").write_text("no image")
     (folder / "README.md").write_text("ignored")
-    samples = list(build_pair_dataset([str(tmp_path / "pairs.jsonl"), str(folder)], processor))
+    samples = list(build_pair_dataset([str(tmp_path / "pairs.jsonl"), str(folder)], processor, shuffle=False))
     assert captions(samples, processor) == ["from jsonl", "absolute path", "from folder"]
     assert summed_skips(samples) == {data.BAD_JSON: 1, data.MISSING_FIELDS: 3, data.MISSING_IMAGE_FILE: 1}
 
@@ -571,7 +572,7 @@ def test_interleaved_dataset_skips_and_counts_bad_data(processor, tmp_path):
     truncate_inside(truncated, "000000001.json")
 
     dataset = build_interleaved_dataset([str(good), str(tmp_path / "no_json.tar"), str(truncated)], processor,
-                                        max_num_images=2, max_length=64)
+                                        max_num_images=2, max_length=64, shuffle=False)
     samples = list(dataset)
     image, eoc, eos = tokens(processor)
     assert [text_of(sample, processor) for sample in samples] == [
@@ -629,17 +630,20 @@ def test_workers_and_nodes_see_disjoint_samples(processor, four_pair_shards):
     assert sorted(nodes[0] + nodes[1]) == sorted(everything)
 
 
-def test_repeat_and_num_samples(processor, four_pair_shards):
-    dataset = build_pair_dataset(four_pair_shards[:2], processor, repeat=True, num_samples=10)
-    seen = captions(list(dataset), processor)
+def test_repeat_and_shuffling(processor, four_pair_shards):
+    dataset = build_pair_dataset(four_pair_shards[:2], processor, repeat=True, shuffle=False)
+    seen = captions(list(itertools.islice(dataset, 10)), processor)
     assert seen == ["s0 0", "s0 1", "s0 2", "s1 10", "s1 11", "s1 12"] + ["s0 0", "s0 1", "s0 2", "s1 10"]
-    per_node = [list(split_dataset_by_node(dataset, rank, 2)) for rank in range(2)]
-    assert [len(samples) for samples in per_node] == [5, 5]
-    limited = build_pair_dataset(four_pair_shards[:1], processor, num_samples=2)
-    assert captions(list(limited), processor) == ["s0 0", "s0 1"]
     shuffled = captions(list(build_pair_dataset(four_pair_shards, processor, shuffle_buffer_size=8)), processor)
-    in_order = captions(list(build_pair_dataset(four_pair_shards, processor)), processor)
+    in_order = captions(list(build_pair_dataset(four_pair_shards, processor, shuffle=False)), processor)
     assert sorted(shuffled) == sorted(in_order) and shuffled != in_order
+    # A buffer of 0 shuffles the shards only: each shard's samples stay together and in order.
+    shards_only = captions(list(build_pair_dataset(four_pair_shards, processor, shuffle_buffer_size=0)), processor)
+    assert shards_only != in_order and sorted(shards_only) == sorted(in_order)
+    chunks = lambda names: sorted(names[i:i + 3] for i in range(0, 12, 3))  # noqa: E731
+    assert chunks(shards_only) == chunks(in_order)
+    with pytest.raises(ValueError, match="shuffle_buffer_size must be >= 0"):
+        build_pair_dataset(four_pair_shards, processor, shuffle_buffer_size=-1)
 
 
 def test_skip_counts_reach_the_collator_through_workers(processor, tmp_path):
@@ -681,6 +685,6 @@ def test_unexpected_preprocessing_errors_are_skipped(processor, tmp_path, monkey
     monkeypatch.setattr(data, "preprocess_pair", failing)
     shard = tmp_path / "shard.tar"
     write_pair_shard(shard, pair_examples("ok", 1) + [{"image": make_image(5, (24, 24)), "caption": "boom"}])
-    samples = list(build_pair_dataset(str(shard), processor))
+    samples = list(build_pair_dataset(str(shard), processor, shuffle=False))
     assert captions(samples, processor) == ["ok 0"]
     assert summed_skips(samples) == {data.PREPROCESS_ERROR: 1}

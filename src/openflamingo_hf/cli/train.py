@@ -98,9 +98,24 @@ class DataArguments:
     mmc4_max_num_images: int = field(default=6, metadata={"help": "Images kept per document at most."})
     mmc4_min_num_images: int = field(default=1, metadata={"help": "Documents with fewer images are skipped."})
     train_num_samples_laion: int | None = field(
-        default=None, metadata={"help": "Pairs per epoch (all processes together); sets the epoch length."}
+        default=None,
+        metadata={"help": "Pairs per epoch (all processes together), as the original: an epoch is "
+                          "ceil(N / (batch_size_laion x processes)) steps (the shorter stream's), the stream starting "
+                          "over within the epoch if the shards hold fewer. Default: an epoch is one pass over the "
+                          "shards. Needed with --dataset_resampled."},
     )
-    train_num_samples_mmc4: int | None = field(default=None, metadata={"help": "Documents per epoch."})
+    train_num_samples_mmc4: int | None = field(default=None, metadata={"help": "Documents per epoch (see above)."})
+    dataset_resampled: bool = field(
+        default=False,
+        metadata={"help": "Draw shards with replacement (each process and DataLoader worker its own draws, seeded "
+                          "by --seed and the epoch) instead of reading every epoch's shuffled shard list once, split "
+                          "over processes and workers."},
+    )
+    shuffle_buffer_size: int = field(
+        default=5000,
+        metadata={"help": "Samples in each stream's shuffle buffer (the original's 5000; 0: shuffle shards only). "
+                          "The shard order is shuffled every epoch, seeded by --seed and the epoch."},
+    )
     laion_max_length: int = field(default=32, metadata={"help": "Tokens per pair (padded / truncated)."})
     mmc4_max_length: int = field(default=256, metadata={"help": "Tokens per document (padded / truncated)."})
     finetune_max_length: int = field(default=512, metadata={"help": "Tokens per fine-tuning example at most."})
@@ -157,12 +172,18 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError("Give --laion_shards and --mmc4_shards (pretraining) or --finetune_data (fine-tuning).")
     if pretraining and not (data_args.laion_shards and data_args.mmc4_shards):
         raise UsageError("The recipe trains on both streams: give --laion_shards and --mmc4_shards.")
-    if pretraining and training_args.max_steps <= 0 and not (
-        data_args.train_num_samples_laion and data_args.train_num_samples_mmc4
-    ):
+    epoch_samples = (data_args.train_num_samples_laion, data_args.train_num_samples_mmc4)
+    if pretraining and (data_args.dataset_resampled or training_args.max_steps <= 0) and not all(epoch_samples):
+        needs = "--dataset_resampled draws forever" if data_args.dataset_resampled else "Shards have no length"
         raise UsageError(
-            "Shards have no length: give --max_steps, or --train_num_samples_laion and --train_num_samples_mmc4."
+            f"{needs}: give --train_num_samples_laion and --train_num_samples_mmc4 (samples per epoch)"
+            + ("." if data_args.dataset_resampled else ", or --max_steps.")
         )
+    if pretraining and any(n is not None and n < 1 for n in epoch_samples):
+        raise UsageError(f"--train_num_samples_laion / --train_num_samples_mmc4 must be positive, got {epoch_samples}.")
+    if data_args.shuffle_buffer_size < 0:
+        raise UsageError(f"--shuffle_buffer_size must be >= 0 (0: shuffle shards only), got "
+                         f"{data_args.shuffle_buffer_size}.")
     if data_args.num_frames is not None and data_args.num_frames < 1:
         raise UsageError(f"--num_frames must be at least 1 (frames per video), got {data_args.num_frames}.")
     parse_config_overrides(model_args.config_overrides)
@@ -255,17 +276,21 @@ def prepare_trainable(model, model_args: ModelArguments):
 
 
 def build_streams(data_args: DataArguments, processor, seed: int) -> dict:
-    """The two pretraining streams, each cut to its per-epoch sample count when one is given."""
+    """
+    The two pretraining streams, drawn as the original draws them: shards shuffled per epoch (or resampled with
+    --dataset_resampled), samples through a shuffle buffer; with a per-epoch sample count, each stream starts over
+    within an epoch rather than end it early.
+    """
     from ..trainer.data import build_interleaved_dataset, build_pair_dataset
 
+    sampling = dict(seed=seed, mask_eos=data_args.mask_eos, num_frames=processor.num_frames,
+                    shuffle_buffer_size=data_args.shuffle_buffer_size, resampled=data_args.dataset_resampled)
     laion = build_pair_dataset(
         data_args.laion_shards,
         processor,
         max_length=data_args.laion_max_length,
-        seed=seed,
-        mask_eos=data_args.mask_eos,
-        num_samples=data_args.train_num_samples_laion,
-        num_frames=processor.num_frames,
+        repeat=bool(data_args.train_num_samples_laion),
+        **sampling,
     )
     mmc4 = build_interleaved_dataset(
         data_args.mmc4_shards,
@@ -274,20 +299,17 @@ def build_streams(data_args: DataArguments, processor, seed: int) -> dict:
         min_num_images=data_args.mmc4_min_num_images,
         max_num_images=data_args.mmc4_max_num_images,
         max_length=data_args.mmc4_max_length,
-        seed=seed,
-        mask_eos=data_args.mask_eos,
-        num_samples=data_args.train_num_samples_mmc4,
-        num_frames=processor.num_frames,
+        repeat=bool(data_args.train_num_samples_mmc4),
+        **sampling,
     )
     return {"laion": laion, "mmc4": mmc4}
 
 
-def steps_per_epoch(data_args: DataArguments, world_size: int) -> int:
-    """Optimisation steps in an epoch: the shorter stream's batches (both streams give one batch per step)."""
-    return min(
-        data_args.train_num_samples_laion // (data_args.batch_size_laion * world_size),
-        data_args.train_num_samples_mmc4 // (data_args.batch_size_mmc4 * world_size),
-    )
+def samples_per_epoch(data_args: DataArguments) -> dict[str, int] | None:
+    """`OpenFlamingoTrainer`'s `samples_per_epoch` from --train_num_samples_*; None: an epoch is one pass."""
+    if not (data_args.train_num_samples_laion and data_args.train_num_samples_mmc4):
+        return None
+    return {"laion": data_args.train_num_samples_laion, "mmc4": data_args.train_num_samples_mmc4}
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args) -> OpenFlamingoTrainer:  # noqa: F821
@@ -306,13 +328,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
         dataset = build_finetune_dataset(data_args.finetune_data, processor, max_length=data_args.finetune_max_length)
         trainer = OpenFlamingoTrainer(train_dataset=dataset, **kwargs)
     else:
-        if training_args.max_steps <= 0:
-            training_args.max_steps = int(training_args.num_train_epochs) * steps_per_epoch(
-                data_args, training_args.world_size
-            )
         trainer = OpenFlamingoTrainer(
             streams=build_streams(data_args, processor, training_args.seed),
             stream_batch_sizes={"laion": data_args.batch_size_laion, "mmc4": data_args.batch_size_mmc4},
+            samples_per_epoch=samples_per_epoch(data_args),
             loss_multipliers={"laion": data_args.loss_multiplier_laion, "mmc4": data_args.loss_multiplier_mmc4},
             **kwargs,
         )

@@ -32,14 +32,27 @@ Videos are decoded with the processor: files through transformers' `load_video` 
 must record their frame count, as AVI and most MP4 do), frame lists and arrays as given; each is sampled uniformly to
 `num_frames` frames (the builders' argument, default `processor.num_frames`), shorter videos keep all their frames.
 
-Sharding: every shard (tar, JSONL file or folder) is one `datasets` shard: `datasets` splits the shard list over
-DataLoader workers, and `datasets.distributed.split_dataset_by_node` over processes, without duplicates (with fewer
-shards than workers some workers get none). Give at least `num_workers * world_size` shards for full parallelism.
+Sampling, as the original recipe draws its data (open_flamingo 2.0.1 `train/data.py`), per epoch (`set_epoch`,
+which `OpenFlamingoTrainer` calls on both streams at the start of every epoch, resumed runs included):
 
-Randomness (horizontal flips, the single-image rule) comes from a generator seeded from `(seed, shard file name)`
-for every pass over a shard, so results do not depend on the number of workers or processes; every pass over a
-shard (e.g. with `repeat=True`) makes the same choices; build with another `seed` to change them. A flip mirrors
-every frame of every media of the sample (so it mirrors motion too: left becomes right).
+- By default the shard list is shuffled, seeded by `seed` and the epoch, so every epoch reads the shards in a new
+  order and a run that reads only part of an epoch's data still reaches every shard over its epochs. (The original
+  shuffled through a 2,000-shard buffer; `datasets` permutes the whole list, the same thing for up to 2,000 shards.)
+  Every shard (tar, JSONL file or folder) is one `datasets` shard: the shuffled list is split over processes
+  (`split_dataset_by_node`, which `OpenFlamingoTrainer` applies by shards) and then over DataLoader workers, so in
+  an epoch no two readers read the same shard (with fewer shards than workers some workers get none; give at least
+  `num_workers * world_size` shards for full parallelism).
+- With `resampled=True` (the original's `--dataset_resampled`) every reader instead draws shards with replacement,
+  forever, through webdataset's `ResampledShards`, seeded by `seed`, the epoch, the process and the worker.
+- Samples are then shuffled through a buffer of `shuffle_buffer_size` samples (the original's 5,000; `datasets`
+  fills the whole buffer before its first sample, where the original started after 1,000), read from one shard at
+  a time as the original's readers did.
+- `shuffle=False` reads the shards in the order given in epoch 0 and samples in shard order (tests, inspection).
+
+Randomness inside a sample (horizontal flips, the single-image rule) comes from a generator seeded from `(seed, shard
+file name)` for every pass over a shard, so results do not depend on the number of workers or processes; every pass
+over a shard makes the same choices; build with another `seed` to change them. A flip mirrors every frame of every
+media of the sample (so it mirrors motion too: left becomes right).
 
 Skipped data: unreadable or truncated shards, corrupt tar members, undecodable images and videos, malformed JSON and
 missing fields are skipped, never raised and never yielded. The documents that the recipe itself rejects (too few
@@ -146,6 +159,16 @@ FRAME_MEMBER = re.compile(r"(\d+)\.(?:jpg|png|jpeg)")
 MMC4_MEDIA_KEYS = ("video_base64", "frames_base64", "image_base64")
 # ChatGPT-generated documents mark images as `_!_IMAGE1_!_`, `_!_IMAGE2_!_`, ...
 GPT_IMAGE_MARKER = re.compile(r"_!_IMAGE\d+_!_")
+
+# The original's sample shuffle buffer (`wds.shuffle(5000, initial=1000)` in open_flamingo's `train/data.py`).
+SAMPLE_SHUFFLE_BUFFER = 5000
+# `resampled=True`: the data sources `datasets` shuffles per epoch and splits over processes and workers are these
+# draw slots, not shards; each reader seeds its draws from the slots it is handed (see `_ShardReader.draws`). Enough
+# slots for every (process, worker) pair of a large run to get its own.
+RESAMPLED_DRAW_SLOTS = 4096
+# A resampled reader that draws this many shards in a row (times the shard count) without one good sample stops with
+# an error instead of drawing forever.
+_EMPTY_DRAWS_PER_SHARD = 10
 
 _WARNINGS_PER_REASON = 3
 _warned: Counter = Counter()
@@ -731,16 +754,20 @@ def _tar_error_reason(error: Exception) -> str:
 
 class _ShardReader:
     """
-    The generator behind the datasets: `datasets` calls it once per shard (in the process that reads the shard).
+    The generator behind the datasets: `datasets` calls it with the shards (or draw slots) of one reader, in the
+    process (DataLoader worker) that reads them.
 
-    Read errors and rejected samples are counted in `_pending`; a sample is yielded when the next good sample is
-    found or its shard ends, carrying the counts gathered since the previous yield. Counts of shards that yield
-    nothing stay in `_pending` for the next sample this process yields.
+    Read errors and rejected samples are counted in `_pending`. `with_counts`, mapped over the stream after its
+    shuffle buffer in the same process, hands each sample that leaves the stream the counts gathered since the
+    previous one left: counts reach the trainer with the next batch, however long a sample stays in the buffer, and
+    so does a shard that yields nothing. A sample is yielded when the next good sample is found or its shard ends, so
+    that a shard's trailing skips are counted before its last sample leaves.
     """
 
-    def __init__(self, preprocess, seed: int):
+    def __init__(self, preprocess, seed: int, resample_from: list[str] | None = None):
         self.preprocess = preprocess  # (record, rng) -> sample, may raise SkipSample
         self.seed = seed
+        self.resample_from = resample_from  # the shards to draw from with replacement; None: read the given shards
         self._pending: Counter = Counter()
 
     def records(self, shard: str) -> Iterator[Any]:
@@ -754,7 +781,39 @@ class _ShardReader:
         for reason, count in counts.items():
             self.skip(reason, where, count=count)
 
-    def __call__(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+    def __call__(self, sources: list) -> Iterator[dict[str, Any]]:
+        """The samples of `sources`: shard paths, or with `resample_from` draw slots (see `draws`)."""
+        if self.resample_from is None:
+            yield from self.read(sources)
+            return
+        empty_draws = 0
+        for shard in self.draws(sources):
+            found = False
+            for sample in self.read([shard]):
+                found = True
+                yield sample
+            empty_draws = 0 if found else empty_draws + 1
+            if empty_draws > _EMPTY_DRAWS_PER_SHARD * len(self.resample_from):
+                raise RuntimeError(
+                    f"{empty_draws} shards drawn in a row from {len(self.resample_from)} yielded no sample: every "
+                    f"shard seems to be unreadable or empty (skipped so far: {dict(self._pending)}). Check the shard "
+                    "paths and contents."
+                )
+
+    def draws(self, slots: list[int]) -> Iterator[str]:
+        """
+        Shards drawn with replacement, forever, by webdataset's `ResampledShards`. Its seed comes from `seed` and the
+        draw slots this reader was handed: `datasets` shuffles the slots with the stream's seed and again per epoch,
+        and splits them over processes and workers like shards, so every (seed, epoch, process, worker) draws its own
+        reproducible sequence, as the original's per-worker, per-epoch seeds did.
+        """
+        slot_seed = wds.utils.make_seed(*slots)
+        shards = wds.ResampledShards(self.resample_from, seed=self.seed, worker_seed=lambda: slot_seed,
+                                     deterministic=True)
+        for entry in shards:
+            yield entry["url"]
+
+    def read(self, shards: list[str]) -> Iterator[dict[str, Any]]:
         for shard in shards:
             rng = shard_rng(self.seed, shard)
             held = None
@@ -772,12 +831,13 @@ class _ShardReader:
                     continue
                 self.add_counts(sample.pop(SKIPPED_KEY, {}), where)
                 if held is not None:
-                    yield self._with_counts(held)
+                    yield held
                 held = sample
             if held is not None:
-                yield self._with_counts(held)
+                yield held
 
-    def _with_counts(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def with_counts(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """`sample` with the skip counts gathered since the previous sample left the stream (`SKIPPED_KEY`)."""
         sample[SKIPPED_KEY] = dict(self._pending)
         self._pending.clear()
         return sample
@@ -1024,9 +1084,10 @@ def build_pair_dataset(
     seed: int = 0,
     *,
     mask_eos: bool = False,
+    shuffle: bool = True,
+    shuffle_buffer_size: int = SAMPLE_SHUFFLE_BUFFER,
+    resampled: bool = False,
     repeat: bool = False,
-    num_samples: int | None = None,
-    shuffle_buffer_size: int = 0,
     num_frames: int | None = None,
 ) -> datasets.IterableDataset:
     """
@@ -1040,9 +1101,9 @@ def build_pair_dataset(
         shards: shard spec, see `expand_shards`.
         processor: an `OpenFlamingoProcessor`.
         max_length: tokens per sample (the original used 32).
-        seed: seeds the flips (per shard, see the module docstring) and the shuffling.
+        seed: seeds the flips (per shard, see the module docstring) and the sampling.
         mask_eos: passed to `processor.pretraining_labels`.
-        repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+        shuffle, shuffle_buffer_size, resampled, repeat: how the stream is drawn, see `sample_stream`.
         num_frames: frames sampled uniformly from each video (shorter ones keep all theirs); default
             `processor.num_frames`. Needed (here or there) when the shards hold videos.
     Returns:
@@ -1052,8 +1113,8 @@ def build_pair_dataset(
     _check_num_frames(num_frames)
     preprocess = functools.partial(_preprocess_pair_record, processor=processor, max_length=max_length,
                                    mask_eos=mask_eos, num_frames=num_frames)
-    return _build(_PairReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
-                  shuffle_buffer_size)
+    return _build(_PairReader, preprocess, expand_shards(shards), seed=seed, shuffle=shuffle,
+                  shuffle_buffer_size=shuffle_buffer_size, resampled=resampled, repeat=repeat)
 
 
 def build_interleaved_dataset(
@@ -1066,9 +1127,10 @@ def build_interleaved_dataset(
     seed: int = 0,
     mask_eos: bool = False,
     *,
+    shuffle: bool = True,
+    shuffle_buffer_size: int = SAMPLE_SHUFFLE_BUFFER,
+    resampled: bool = False,
     repeat: bool = False,
-    num_samples: int | None = None,
-    shuffle_buffer_size: int = 0,
     num_frames: int | None = None,
 ) -> datasets.IterableDataset:
     """
@@ -1080,8 +1142,8 @@ def build_interleaved_dataset(
         shards: shard spec, see `expand_shards`.
         processor: an `OpenFlamingoProcessor`.
         sim_threshold, min_num_images, max_num_images, max_length, mask_eos: see `preprocess_interleaved`.
-        seed: seeds the flips and the single-image rule (per shard, see the module docstring) and the shuffling.
-        repeat, num_samples, shuffle_buffer_size: see `finalize_dataset`.
+        seed: seeds the flips and the single-image rule (per shard, see the module docstring) and the sampling.
+        shuffle, shuffle_buffer_size, resampled, repeat: how the stream is drawn, see `sample_stream`.
         num_frames: frames sampled uniformly from each video; default `processor.num_frames` (see
             `build_pair_dataset`).
     Returns:
@@ -1094,8 +1156,8 @@ def build_interleaved_dataset(
         _preprocess_document_record, processor=processor, sim_threshold=sim_threshold, min_num_images=min_num_images,
         max_num_images=max_num_images, max_length=max_length, mask_eos=mask_eos, num_frames=num_frames,
     )
-    return _build(_InterleavedReader(preprocess, seed), expand_shards(shards), seed, repeat, num_samples,
-                  shuffle_buffer_size)
+    return _build(_InterleavedReader, preprocess, expand_shards(shards), seed=seed, shuffle=shuffle,
+                  shuffle_buffer_size=shuffle_buffer_size, resampled=resampled, repeat=repeat)
 
 
 def _check_num_frames(num_frames: int | None) -> None:
@@ -1112,39 +1174,52 @@ def _preprocess_document_record(record: dict[str, Any], rng: Rng, **kwargs) -> d
     return preprocess_interleaved(record, rng=rng, **kwargs)
 
 
-def _build(reader: _ShardReader, shards: list[str], seed: int, repeat: bool, num_samples: int | None,
-           shuffle_buffer_size: int) -> datasets.IterableDataset:
-    dataset = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": shards})
-    return finalize_dataset(dataset, seed, repeat, num_samples, shuffle_buffer_size)
+def _build(reader_class: type[_ShardReader], preprocess, shards: list[str], *, seed: int, shuffle: bool,
+           shuffle_buffer_size: int, resampled: bool, repeat: bool) -> datasets.IterableDataset:
+    if resampled:
+        reader = reader_class(preprocess, seed, resample_from=shards)
+        sources = list(range(RESAMPLED_DRAW_SLOTS))
+    else:
+        reader = reader_class(preprocess, seed)
+        sources = shards
+    # `datasets` treats every list in `gen_kwargs` as data sources: it shuffles them and splits them over processes
+    # and DataLoader workers.
+    dataset = datasets.IterableDataset.from_generator(reader, gen_kwargs={"sources": sources})
+    dataset = sample_stream(dataset, seed=seed, shuffle=shuffle, shuffle_buffer_size=shuffle_buffer_size,
+                            repeat=repeat and not resampled)
+    # After the buffer, in the reader's own process (DataLoader workers get one copy of both): see `_ShardReader`.
+    return dataset.map(reader.with_counts)
 
 
-def finalize_dataset(
+def sample_stream(
     dataset: datasets.IterableDataset,
     seed: int = 0,
+    shuffle: bool = True,
+    shuffle_buffer_size: int = SAMPLE_SHUFFLE_BUFFER,
     repeat: bool = False,
-    num_samples: int | None = None,
-    shuffle_buffer_size: int = 0,
 ) -> datasets.IterableDataset:
     """
-    Shuffling, repetition and length of a pretraining stream.
+    How a pretraining stream is drawn, as the original recipe draws it (see the module docstring).
 
     Args:
-        shuffle_buffer_size: when > 0, shuffle the shard order and the samples through a buffer of this size
-            (`IterableDataset.shuffle(seed=seed, ...)`; the original used 5000 samples). Call `set_epoch` on the
-            dataset to reshuffle per epoch.
-        repeat: cycle over the shards forever (`IterableDataset.repeat(None)`). The original recipe steps both
-            streams together, so each must yield the same number of batches per epoch: use `repeat=True` with
-            `num_samples`, so that neither stream runs out first.
-        num_samples: stop after this many samples (`IterableDataset.take`). `datasets` divides it over the shards'
-            readers: split with `split_dataset_by_node` *after* this, it is the total over all processes (and
-            DataLoader workers), the original's `--train_num_samples`.
+        shuffle: shuffle the shard order, seeded by `seed` and then per epoch (`dataset.set_epoch`), and the samples
+            through a buffer. False: shards in the given order in epoch 0, samples in shard order.
+        shuffle_buffer_size: samples in the shuffle buffer (the original's 5,000); 0 shuffles shards only.
+        repeat: within an epoch, start over (in the same order) when every shard has been read, so that an epoch
+            of a fixed number of samples (the trainer's `samples_per_epoch`, the original's `--train_num_samples_*`)
+            can be longer than the data. Resampled streams never end.
+    Raises:
+        ValueError: a negative `shuffle_buffer_size`.
     """
-    if shuffle_buffer_size > 0:
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    if shuffle_buffer_size < 0:
+        raise ValueError(f"shuffle_buffer_size must be >= 0 (samples; 0 shuffles shards only), got "
+                         f"{shuffle_buffer_size}.")
+    if shuffle:
+        # One shard at a time into the buffer, as each of the original's readers read its shards; a buffer of one
+        # sample leaves the samples in shard order.
+        dataset = dataset.shuffle(seed=seed, buffer_size=max(1, shuffle_buffer_size), max_buffer_input_shards=1)
     if repeat:
         dataset = dataset.repeat(None)
-    if num_samples is not None:
-        dataset = dataset.take(num_samples)
     return dataset
 
 
@@ -1255,7 +1330,7 @@ __all__ = [
     "encode_image_base64",
     "encode_video_base64",
     "expand_shards",
-    "finalize_dataset",
+    "sample_stream",
     "preprocess_interleaved",
     "preprocess_pair",
     "shard_rng",

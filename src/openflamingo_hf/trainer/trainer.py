@@ -25,6 +25,8 @@ checkpoints and resumption, DDP / FSDP / DeepSpeed through accelerate, PEFT mode
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -208,39 +210,73 @@ class _EmbeddingRowsCallback(TrainerCallback):
 
 class ZippedStreams(IterableDataset):
     """
-    Yields `{stream name: batch}` with one batch of every stream, until the shortest stream ends. Each stream is a
-    `DataLoader` of its own (own batch size, collator and workers). Wrapped in a `DataLoader(batch_size=None)` so that
-    `Trainer` (and accelerate's `skip_first_batches` on resumption) see a standard dataloader.
+    Yields `{stream name: batch}` with one batch of every stream, until the shortest stream ends or, with
+    `num_steps`, after that many steps: an epoch of the recipe. Each stream is a `DataLoader` of its own (own batch
+    size, collator and workers). Served by `StreamsLoader` so that `Trainer` (and accelerate's `skip_first_batches`
+    on resumption) see a standard dataloader.
     """
 
-    def __init__(self, loaders: Mapping[str, DataLoader]):
+    def __init__(self, loaders: Mapping[str, DataLoader], num_steps: int | None = None, skip_steps: int = 0):
         self.loaders = dict(loaders)
+        self.num_steps = num_steps
+        self.skip_steps = skip_steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         iterators = {name: iter(loader) for name, loader in self.loaders.items()}
-        while True:
+        for step in itertools.count():
+            if self.num_steps is not None and step >= self.num_steps:
+                return
             batches = {}
             for name, iterator in iterators.items():
                 try:
                     batches[name] = next(iterator)
                 except StopIteration:
                     return
-            yield batches
+            if step >= self.skip_steps:
+                yield batches
 
     def __len__(self) -> int:
         # TypeError when a stream has no length: `Trainer` then needs `max_steps`, as for any iterable dataset.
-        return min(len(loader) for loader in self.loaders.values())
+        steps = self.num_steps if self.num_steps is not None else min(len(loader) for loader in self.loaders.values())
+        return max(steps - self.skip_steps, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Every stream draws epoch `epoch`'s order (`datasets`' `set_epoch`: shard order, shuffle buffer, draws)."""
+        for loader in self.loaders.values():
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+
+    def skipping(self, steps: int) -> ZippedStreams:
+        """The same epoch with its first `steps` steps read and dropped (resumption in the middle of an epoch)."""
+        return ZippedStreams(self.loaders, self.num_steps, self.skip_steps + steps)
+
+
+class StreamsLoader(DataLoader):
+    """`DataLoader(ZippedStreams, batch_size=None)` whose `set_epoch`, which `Trainer` calls at the start of every
+    epoch, reaches the streams."""
+
+    def __init__(self, streams: ZippedStreams):
+        super().__init__(streams, batch_size=None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 def _shard_for_process(dataset, process_index: int, num_processes: int):
-    """This process's share of a stream: disjoint across processes (shards, else every n-th example)."""
+    """
+    This process's share of a stream, disjoint across processes: whole shards (as the original's `split_by_node`)
+    when there are at least as many as processes, else every n-th example.
+    """
     if num_processes <= 1:
         return dataset
     from datasets import Dataset as HFDataset
     from datasets import IterableDataset as HFIterableDataset
     from datasets.distributed import split_dataset_by_node
 
-    if isinstance(dataset, (HFDataset, HFIterableDataset)):
+    if isinstance(dataset, HFIterableDataset):
+        strategy = "shards" if dataset.num_shards >= num_processes else "examples"
+        return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes, strategy=strategy)
+    if isinstance(dataset, HFDataset):
         return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     raise TypeError(
         f"Streams must be `datasets` datasets to be split over {num_processes} processes; got "
@@ -262,6 +298,11 @@ class OpenFlamingoTrainer(Trainer):
             of samples as `openflamingo_hf.trainer.data` yields them); every optimisation step takes one batch of
             each. Without `streams`, `train_dataset` trains as with `Trainer` (fine-tuning).
         stream_batch_sizes: per-device batch size of each stream (default: `per_device_train_batch_size`).
+        samples_per_epoch: `{name: samples}`, the original's `--train_num_samples_<name>`: an epoch of each stream
+            is ceil(samples / (batch size x processes)) batches, the recipe's epoch that of the shortest, and the
+            dataloader then has that length (epochs count for `num_train_epochs`, resumption and `set_epoch`).
+            The streams must be long enough (build them with `repeat=True` or `resampled=True`). Default: an
+            epoch ends when a stream ends.
         loss_multipliers: weight of each stream's loss in the step's loss (default 1.0 each; v2 used laion 0.2).
         trainable_embedding_ids: the input-embedding rows that train (default: the model config's `<image>` and
             `<|endofchunk|>` ids). The filter applies while the input embeddings are the only trainable part of the
@@ -278,6 +319,7 @@ class OpenFlamingoTrainer(Trainer):
         *args,
         streams: Mapping[str, Any] | None = None,
         stream_batch_sizes: Mapping[str, int] | None = None,
+        samples_per_epoch: Mapping[str, int] | None = None,
         loss_multipliers: Mapping[str, float] | None = None,
         trainable_embedding_ids: list[int] | None = None,
         loss_logits_only: bool = True,
@@ -287,11 +329,19 @@ class OpenFlamingoTrainer(Trainer):
             raise ValueError("Pass either streams (the two-stream recipe) or train_dataset, not both.")
         super().__init__(*args, **kwargs)
         self.streams = dict(streams) if streams is not None else None
-        unknown = set(stream_batch_sizes or {}) | set(loss_multipliers or {})
+        unknown = set(stream_batch_sizes or {}) | set(loss_multipliers or {}) | set(samples_per_epoch or {})
         unknown -= set(self.streams or {})
         if unknown:
-            raise ValueError(f"Batch sizes or loss multipliers given for unknown streams {sorted(unknown)}.")
+            raise ValueError(
+                f"Batch sizes, samples per epoch or loss multipliers given for unknown streams {sorted(unknown)}."
+            )
+        if samples_per_epoch is not None and set(samples_per_epoch) != set(self.streams or {}):
+            raise ValueError(
+                f"samples_per_epoch must give every stream's samples ({sorted(self.streams or {})}), got "
+                f"{sorted(samples_per_epoch)}."
+            )
         self.stream_batch_sizes = dict(stream_batch_sizes or {})
+        self.samples_per_epoch = dict(samples_per_epoch) if samples_per_epoch is not None else None
         self.loss_multipliers = dict(loss_multipliers or {})
         config = self.accelerator.unwrap_model(self.model).config
         if trainable_embedding_ids is None:
@@ -322,7 +372,24 @@ class OpenFlamingoTrainer(Trainer):
             )
         # Not passed through accelerator.prepare: each process already reads its own share of every stream, and
         # `_prepare_inputs` moves each batch to the device.
-        return DataLoader(ZippedStreams(loaders), batch_size=None)
+        return StreamsLoader(ZippedStreams(loaders, num_steps=self.steps_per_epoch))
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimisation steps in an epoch of the recipe (see `samples_per_epoch`); None without it."""
+        if self.samples_per_epoch is None:
+            return None
+        return min(
+            math.ceil(samples / (self.stream_batch_sizes.get(name, self.args.per_device_train_batch_size)
+                                 * self.args.world_size))
+            for name, samples in self.samples_per_epoch.items()
+        )
+
+    def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
+        if isinstance(dataloader, StreamsLoader):
+            # The epoch's own order (set_epoch follows), its first steps read and dropped.
+            return StreamsLoader(dataloader.dataset.skipping(num_batches))
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     # ---------------------------------------------------------------- optimisation
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -520,6 +587,7 @@ class OpenFlamingoTrainer(Trainer):
 __all__ = [
     "EmbeddingRows",
     "OpenFlamingoTrainer",
+    "StreamsLoader",
     "ZippedStreams",
     "embedding_rows_for",
     "freeze_for_recipe",
