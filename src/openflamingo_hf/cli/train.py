@@ -11,6 +11,11 @@ Shards may hold videos in place of images (conventions in `openflamingo_hf.train
 slot of `--num_frames` frames sampled uniformly. To tell the order of the frames the model needs learned frame
 embeddings: from backbones, add `"perceiver_max_num_frames": N` to --config_overrides.
 
+The streams are drawn as the original draws them, per epoch: each stream's shard list shuffled (seeded by --seed and
+the epoch) and split by whole shards over processes and DataLoader workers, or with --dataset_resampled shards drawn
+with replacement by every process and worker; samples through a --shuffle_buffer_size buffer (5000). An epoch is
+--train_num_samples_* samples (or one pass over the shards); a resumed run continues the same epoch's order.
+
 Flags follow the original `open_flamingo/train/train.py` where the concept is the same; every `TrainingArguments` flag
 works too (`--bf16`, `--gradient_checkpointing`, `--save_steps`, `--resume_from_checkpoint`, ...). Scale out with
 `accelerate launch --config_file examples/accelerate/<ddp|fsdp|deepspeed_zero2|deepspeed_zero3>.yaml -m
