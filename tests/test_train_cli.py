@@ -168,3 +168,79 @@ def test_finetuning_with_lora_from_the_cli(workdir, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+@pytest.fixture(scope="module")
+def finetune_base(workdir, tmp_path_factory):
+    """An OpenFlamingo folder (built from the tiny backbones) to fine-tune, and a folder of images."""
+    from openflamingo_hf.cli.train import ModelArguments, load_model_and_processor
+
+    folder = tmp_path_factory.mktemp("finetune_base")
+    model, processor = load_model_and_processor(ModelArguments(
+        vision_model=str(workdir / "vision"), language_model=str(workdir / "lm"), config_overrides=SMALL,
+    ))
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    colour_image("red", np.random.default_rng(0)).save(folder / "red.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+BAD_JSONL = {
+    "missing image": ('{"image": "nowhere.png", "caption": "x"}', "no image file"),
+    "invalid json": ('{"image": "red.png", "caption": ', "not valid JSON"),
+    "unknown shape": ('{"image": "red.png", "text": "x"}', "line 1"),
+    "marker mismatch": ('{"images": ["red.png"], "prompt": "<image><image>Output:", "answer": "x"}', "<image>"),
+    "unreadable image": ('{"image": "broken.png", "caption": "x"}', "broken.png"),
+    "empty file": ("", "no examples"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSONL))
+def test_bad_finetuning_data_is_one_line_before_the_model_loads(case, finetune_base, tmp_path, capsys, monkeypatch):
+    from openflamingo_hf.cli import train as train_cli
+
+    line, message = BAD_JSONL[case]
+    data = finetune_base / f"{case.replace(' ', '_')}.jsonl"
+    data.write_text(line + ("\n" if line else ""))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(train_cli, "load_model", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_name_or_path", str(finetune_base / "model"), "--finetune_data", str(data),
+              "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("openflamingo-train: error: --finetune_data") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model_name_or_path", "./nonexistent"], "no such folder, and not a Hub repo id"),
+        (["--finetune_data", "missing.jsonl"], "--finetune_data missing.jsonl: no such file"),
+        (["--lora", "--lora_targets", "vision_model"], "--lora_targets vision_model:"),
+    ],
+)
+def test_bad_model_and_lora_arguments_are_one_line(argv, message, finetune_base, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": str(finetune_base / "red.png"), "caption": "x"}) + "\n")
+    defaults = {"--model_name_or_path": str(finetune_base / "model"), "--finetune_data": str(tmp_path / "data.jsonl")}
+    for option, value in defaults.items():
+        if option not in argv:
+            argv = [option, value] + argv
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none", "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("openflamingo-train: error:") and message in err, err
+
+
+def test_the_last_line_says_where_the_model_went(finetune_base, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": str(finetune_base / "red.png"), "caption": "x"}) + "\n")
+    main(["--model_name_or_path", str(finetune_base / "model"), "--finetune_data", str(tmp_path / "data.jsonl"),
+          "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none", "--max_steps", "1",
+          "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--save_strategy", "no"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"openflamingo-train: wrote the model and processor to {tmp_path / 'out'}."

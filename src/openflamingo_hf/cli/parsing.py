@@ -68,4 +68,35 @@ class OneLineErrorParser(_OneLineErrors, HfArgumentParser):
         return parsed[0] if len(parsed) == 1 else tuple(parsed)
 
 
-__all__ = ["OneLineArgumentParser", "OneLineErrorParser", "command_name"]
+class UsageError(ValueError):
+    """The arguments do not describe a run that can be done: the command reports it as one `prog: error:` line and
+    exits with status 2."""
+
+
+def check_model_source(option: str, source: str, *, needs_config: bool = True) -> None:
+    """
+    `source` of `option` (e.g. `--model_name_or_path`) is a local folder that exists (holding config.json when
+    `needs_config`), or at least looks like a Hub repo id (org/name), so that a mistyped path fails at once, not
+    after a model download attempt. Raises `UsageError` saying which.
+    """
+    from pathlib import Path
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(source)
+    if path.is_dir():
+        if needs_config and not (path / "config.json").is_file():
+            raise UsageError(
+                f"{option} {source} has no config.json, so it is not a transformers model folder. Give the output "
+                "folder of openflamingo-convert, -train or save_pretrained, or a Hub repo id."
+            )
+        return
+    if path.exists():
+        raise UsageError(f"{option} {source} is a file; give a model folder or a Hub repo id (org/name).")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise UsageError(f"{option} {source}: no such folder, and not a Hub repo id (org/name) either.") from None
+
+
+__all__ = ["OneLineArgumentParser", "OneLineErrorParser", "UsageError", "check_model_source", "command_name"]

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .parsing import UsageError, check_model_source
+
 # Light at import: models, datasets and peft are imported when a run starts.
 
 
@@ -159,10 +161,6 @@ def build_parser():
     )
 
 
-class UsageError(ValueError):
-    """The arguments do not describe a run that can be done."""
-
-
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     """Everything that can be checked before loading anything."""
     if bool(model_args.model_name_or_path) == bool(model_args.vision_model or model_args.language_model):
@@ -192,6 +190,21 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.num_frames is not None and data_args.num_frames < 1:
         raise UsageError(f"--num_frames must be at least 1 (frames per video), got {data_args.num_frames}.")
     parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        check_model_source("--model_name_or_path", model_args.model_name_or_path)
+    for option, source in (("--vision_model", model_args.vision_model), ("--language_model", model_args.language_model),
+                           ("--tokenizer", model_args.tokenizer)):
+        if source:
+            check_model_source(option, source, needs_config=option != "--tokenizer")
+    if model_args.lora:
+        from ..trainer.finetune import check_lora_targets
+
+        try:
+            check_lora_targets(lora_targets(model_args))
+        except ValueError as error:
+            raise UsageError(f"--lora_targets {model_args.lora_targets}: {error}") from None
+    if data_args.finetune_data and not os.path.isfile(data_args.finetune_data):
+        raise UsageError(f"--finetune_data {data_args.finetune_data}: no such file (a JSONL of examples).")
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -217,33 +230,47 @@ def parse_config_overrides(text: str | None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_model_and_processor(model_args: ModelArguments):
-    """The model to train and its processor: a checkpoint, or a fresh OpenFlamingo around the backbones."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+def load_processor(model_args: ModelArguments):
+    """The run's processor: the checkpoint's, or the language model's tokenizer with the vision model's image
+    processor (OpenAI CLIP preprocessing when its folder has none). Loaded before the data, the model after it."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 
-    from ..modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration
     from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
 
     if model_args.model_name_or_path:
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
-        return model, processor
+        return AutoProcessor.from_pretrained(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model)
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_args.vision_model)
     except (OSError, ValueError):
         image_processor = default_image_processor()
-    processor = OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    model = OpenFlamingoForConditionalGeneration.from_backbones(
+    return OpenFlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_model(model_args: ModelArguments, processor):
+    """The model to train: a checkpoint, or a fresh OpenFlamingo around the backbones (with `processor`'s token ids
+    and resized LM embeddings)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ..modeling.modeling_openflamingo import OpenFlamingoForConditionalGeneration
+
+    if model_args.model_name_or_path:
+        return AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
+    return OpenFlamingoForConditionalGeneration.from_backbones(
         model_args.vision_model,
         model_args.language_model,
         cross_attn_every_n_layers=model_args.cross_attn_every_n_layers,
         processor=processor,
         **parse_config_overrides(model_args.config_overrides),
     )
-    return model, processor
+
+
+def load_model_and_processor(model_args: ModelArguments):
+    """The model to train and its processor (see `load_processor`, `load_model`)."""
+    processor = load_processor(model_args)
+    return load_model(model_args, processor), processor
 
 
 def set_num_frames(processor, model, num_frames: int | None) -> None:
@@ -262,15 +289,21 @@ def set_num_frames(processor, model, num_frames: int | None) -> None:
     processor.num_frames = num_frames
 
 
+def lora_targets(model_args: ModelArguments) -> tuple[str, ...]:
+    return tuple(target.strip() for target in model_args.lora_targets.split(",") if target.strip())
+
+
 def prepare_trainable(model, model_args: ModelArguments):
     """Freezing per the recipe, or LoRA adapters (everything else frozen)."""
     from ..trainer.finetune import apply_lora
     from ..trainer.trainer import freeze_for_recipe
 
     if model_args.lora:
-        targets = tuple(t.strip() for t in model_args.lora_targets.split(",") if t.strip())
-        return apply_lora(model, targets=targets, r=model_args.lora_r, alpha=model_args.lora_alpha,
-                          dropout=model_args.lora_dropout)
+        try:
+            return apply_lora(model, targets=lora_targets(model_args), r=model_args.lora_r,
+                              alpha=model_args.lora_alpha, dropout=model_args.lora_dropout)
+        except ValueError as error:  # e.g. a module path that this model does not have
+            raise UsageError(f"--lora_targets {model_args.lora_targets}: {error}") from None
     freeze_for_recipe(
         model,
         train_language_model=model_args.train_language_model,
@@ -322,15 +355,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     from ..trainer.collator import OpenFlamingoDataCollator
     from ..trainer.trainer import OpenFlamingoTrainer
 
-    model, processor = load_model_and_processor(model_args)
+    processor = _loading("the processor", load_processor, model_args)
+    dataset = None
+    if data_args.finetune_data:  # every line is checked before the model loads
+        from ..trainer.finetune import build_finetune_dataset
+
+        try:
+            dataset = build_finetune_dataset(data_args.finetune_data, processor,
+                                             max_length=data_args.finetune_max_length)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--finetune_data {error}") from None
+    model = _loading("the model", load_model, model_args, processor)
     set_num_frames(processor, model, data_args.num_frames)
     model = prepare_trainable(model, model_args)
     collator = OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)
     kwargs = {"model": model, "args": training_args, "data_collator": collator, "processing_class": processor}
-    if data_args.finetune_data:
-        from ..trainer.finetune import build_finetune_dataset
-
-        dataset = build_finetune_dataset(data_args.finetune_data, processor, max_length=data_args.finetune_max_length)
+    if dataset is not None:
         trainer = OpenFlamingoTrainer(train_dataset=dataset, **kwargs)
     else:
         trainer = OpenFlamingoTrainer(
@@ -342,7 +382,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
         )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final(trainer, model_args, training_args.output_dir)
+    if trainer.is_world_process_zero():
+        adapter = f"; the LoRA adapter in {os.path.join(training_args.output_dir, 'adapter')}" if model_args.lora else ""
+        print(f"openflamingo-train: wrote the model and processor to {training_args.output_dir}{adapter}.")
     return trainer
+
+
+def _loading(what: str, load, *args):
+    """`load(*args)`, with a model source that cannot be loaded (a Hub id without network, a folder without the
+    files) reported as one usage line."""
+    try:
+        return load(*args)
+    except OSError as error:
+        raise UsageError(f"could not load {what}: {' '.join(str(error).split())[:400]}") from None
 
 
 def save_final(trainer, model_args: ModelArguments, output_dir: str) -> None:

@@ -519,6 +519,30 @@ def _adaptable_module_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D)
 
 
+def check_lora_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """
+    `targets` as a tuple, checked without a model: each is a part LoRA may adapt (`language_model`,
+    `gated_cross_attn_layers`) or a module path under one. Raises `ValueError` saying why not (the vision side and
+    the Perceiver are never adapted).
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets:
+        raise ValueError(f"`targets` is empty; choose from {list(LORA_TARGET_PARTS)} (or paths under them).")
+    for target in targets:
+        part = target.split(".", 1)[0]
+        if part not in LORA_TARGET_PARTS:
+            why = (
+                f"LoRA never adapts {part!r}: OpenFlamingo keeps its vision side frozen. "
+                if part in LORA_EXCLUDED_PARTS
+                else ""
+            )
+            raise ValueError(
+                f"{why}LoRA target {target!r} is not under {list(LORA_TARGET_PARTS)}; use those parts or module paths "
+                "under them."
+            )
+    return targets
+
+
 def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
     """
     The full names of the linear layers (`nn.Linear`, and GPT-2's `Conv1D`) under `targets`, for
@@ -535,25 +559,10 @@ def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = DEFAULT
         `ValueError` for a target outside those two parts (`vision_model` / `perceiver` are never adapted), a target
         that is not a module of the model, or targets without linear layers.
     """
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = tuple(targets)
-    if not targets:
-        raise ValueError(f"`targets` is empty; choose from {list(LORA_TARGET_PARTS)} (or paths under them).")
+    targets = check_lora_targets(targets)
     if _is_peft_model(model):
         raise ValueError("The model is already a PeftModel; pass the base OpenFlamingo model.")
     for target in targets:
-        part = target.split(".", 1)[0]
-        if part not in LORA_TARGET_PARTS:
-            why = (
-                f"LoRA never adapts {part!r}: OpenFlamingo keeps its vision side frozen. "
-                if part in LORA_EXCLUDED_PARTS
-                else ""
-            )
-            raise ValueError(
-                f"{why}LoRA target {target!r} is not under {list(LORA_TARGET_PARTS)}; use those parts or module paths "
-                "under them."
-            )
         try:
             model.get_submodule(target)
         except AttributeError:
@@ -707,6 +716,7 @@ def _is_peft_model(model: Any) -> bool:
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "check_lora_targets",
     "FinetuneTransform",
     "IGNORE_INDEX",
     "apply_lora",
