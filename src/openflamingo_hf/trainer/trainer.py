@@ -43,9 +43,6 @@ from .collator import SKIPPED_KEY
 
 logger = logging.get_logger(__name__)
 
-# Parameter-name parts of what the recipe trains besides the input embeddings.
-RECIPE_TRAINABLE_MODULES = ("perceiver", "gated_cross_attn_layers")
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What trains
