@@ -15,7 +15,11 @@
 #   - open_clip_torch==2.20.0, the release of open-flamingo 2.0.1's time: its ViT returns the patch tokens *before*
 #     ln_post, as OpenFlamingo was trained (open_clip >= 2.23 applies ln_post to the tokens by default);
 #   - einops, einops-exts (the Perceiver and gated blocks), plus open_clip's own imports (ftfy, regex, tqdm,
-#     huggingface-hub); numpy < 2 because transformers 4.36 predates NumPy 2.
+#     huggingface-hub); numpy < 2 because transformers 4.36 predates NumPy 2;
+#   - what the original's evaluation code imports, for tests/test_eval_vs_original.py (which runs its metrics and
+#     answer post-processing): pycocoevalcap==1.2 and pycocotools (coco_metric.py, CIDEr), nltk and inflection
+#     (ok_vqa_utils.py, OK-VQA stemming), scikit-learn (evaluate.py, ROC-AUC; open-flamingo's `eval` extra omits it).
+#     NLTK's data (tokenizer, tagger, WordNet) is not on PyPI and is not installed here; CIDEr also needs Java.
 # Set PYTHON to choose the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +32,11 @@ check() {
     "$VPY" - <<'EOF' 2>/dev/null && "$VPY" benchmarks/_original_worker.py --check 2>/dev/null
 import importlib.metadata as m
 import einops, einops_exts, transformers  # noqa: F401
+import inflection, nltk, pycocoevalcap.cider.cider, pycocotools.coco, sklearn.metrics  # noqa: F401
 assert transformers.__version__ == "4.36.2", transformers.__version__
 assert m.version("open_flamingo") == "2.0.1"
 assert m.version("open_clip_torch") == "2.20.0"
+assert m.version("pycocoevalcap") == "1.2"
 EOF
 }
 
@@ -52,10 +58,12 @@ TORCH=$("$VPY" -c 'import torch; print(torch.__version__.split("+")[0])')
 # torch 2.x.y pairs with torchvision 0.(x+15).y; fall back to "the newest that installs" if the pair is missing.
 TV=$("$VPY" -c 'import sys; a, b, c = (sys.argv[1].split(".") + ["0"])[:3]; print(f"0.{int(b) + 15}.{c}")' "$TORCH")
 "${PIP[@]}" --no-deps "torchvision==$TV" 2>/dev/null || "${PIP[@]}" --no-deps "torchvision==${TV%.*}.*"
-"${PIP[@]}" "transformers==4.36.2" "numpy<2" einops einops-exts ftfy regex tqdm pillow
+"${PIP[@]}" "transformers==4.36.2" "numpy<2" einops einops-exts ftfy regex tqdm pillow \
+    "pycocoevalcap==1.2" pycocotools nltk inflection scikit-learn
 "${PIP[@]}" --no-deps "open_clip_torch==2.20.0" "open-flamingo==2.0.1"
 if ! check; then
-    echo "setup_original_env.sh: $VENV was built but does not import open_flamingo / open_clip / transformers 4.36.2." >&2
+    echo "setup_original_env.sh: $VENV was built but does not import open_flamingo / open_clip / transformers 4.36.2" \
+        "/ the evaluation's pycocoevalcap, pycocotools, nltk, inflection, scikit-learn." >&2
     exit 1
 fi
 echo "$VENV is ready ($("$VPY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))."

@@ -1,14 +1,20 @@
 """
 The metrics of the OpenFlamingo few-shot evaluation suite, each returning the percentage the papers report (0-100).
 
-- `compute_vqa_accuracy`: the VQA accuracy of the official VQAv2 evaluation code (`vqaEval.py`, in the version that
-  open_flamingo ships as `open_flamingo/eval/vqa_metric.py`), for VQAv2, OK-VQA, TextVQA and VizWiz; with
-  `ok_vqa=True` predictions first go through OK-VQA's answer stemming (`okvqa_stem`), as open_flamingo's
-  `postprocess_ok_vqa_generation` does.
-- `compute_cider`: CIDEr-D as the COCO caption evaluation computes it (pycocoevalcap's `PTBTokenizer`, then `Cider`);
-  for COCO and Flickr30K.
-- `compute_roc_auc`: ROC-AUC (scikit-learn's `roc_auc_score`); for Hateful Memes.
-- `compute_accuracy`: top-1 exact match; for ImageNet.
+- `compute_vqa_accuracy`: the VQA accuracy that open_flamingo 2.0.1 computes (`VQAEval.evaluate` in
+  `open_flamingo/eval/vqa_metric.py`, its copy of the VQAv2 evaluation code), for VQAv2, OK-VQA, TextVQA and VizWiz.
+  That copy normalises the prediction and every answer always; some copies of the official `vqaEval.py` skip the
+  normalisation when all annotators gave the same answer, open_flamingo's does not, and it produced the published
+  figures. With `ok_vqa=True` predictions first go through open_flamingo's `postprocess_ok_vqa_generation` (answer cut,
+  then OK-VQA's stemming, `okvqa_stem`).
+- `compute_cider`: CIDEr-D as the COCO caption evaluation computes it (pycocoevalcap's `PTBTokenizer`, then `Cider`),
+  i.e. open_flamingo's `coco_metric.compute_cider(...)["CIDEr"] * 100`; for COCO and Flickr30K.
+- `compute_roc_auc`: ROC-AUC (scikit-learn's `roc_auc_score`, which open_flamingo calls); for Hateful Memes.
+- `compute_accuracy`: top-1 exact match of class names; for ImageNet.
+
+Each returns a percentage; open_flamingo's evaluation returns ROC-AUC and ImageNet accuracy as fractions (0-1) and
+the VQA accuracy rounded to two decimals, and reports these figures. tests/test_eval_vs_original.py runs open_flamingo's
+own code on crafted inputs and checks that these functions give its numbers.
 
 Heavy or optional dependencies (pycocoevalcap, scikit-learn, nltk, inflection: the `eval` extra) are imported inside the
 functions that need them, so importing this module is cheap.
@@ -32,11 +38,11 @@ __all__ = [
 _EVAL_EXTRA_HINT = "pip install 'openflamingo-hf[eval]'"
 
 # ---------------------------------------------------------------------------------------------------------------------
-# VQA accuracy (official VQAv2 evaluation, vqaEval.py)
+# VQA accuracy (open_flamingo/eval/vqa_metric.py, VQAEval)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Data tables of the official evaluation code, reproduced as data. Keys with capitals ("Id've", "Im", "Ive") can never
-# match because words are lower-cased first; they are kept because the official table has them.
+# Data tables of the VQA evaluation code, reproduced as data. Keys with capitals ("Id've", "Im", "Ive") can never
+# match because words are lower-cased first; they are kept because open_flamingo's table has them.
 _CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -74,11 +80,11 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = [
     ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
 ]  # fmt: skip
-# The official pattern, verbatim: "(?!<=\d)" was meant as a look-behind but is a look-ahead that never fails here, so
-# every "." not followed by a digit is removed ("3.5" keeps its point, "dog." loses it).
+# The evaluation code's pattern, verbatim: "(?!<=\d)" was meant as a look-behind but is a look-ahead that never fails
+# here, so every "." not followed by a digit is removed ("3.5" keeps its point, "dog." loses it).
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-# The official code calls `periodStrip.sub("", text, re.UNICODE)`, which passes re.UNICODE (== 32) as `count`: at
+# The evaluation code calls `periodStrip.sub("", text, re.UNICODE)`, which passes re.UNICODE (== 32) as `count`: at
 # most 32 periods are removed. Kept so that results stay identical.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
@@ -89,7 +95,7 @@ def _process_punctuation(text: str) -> str:
     out = text
     has_digit_comma = _COMMA_STRIP.search(text) is not None
     for mark in _PUNCTUATION:
-        # The tests look at the original text, not at `out`, as the official code does.
+        # The tests look at the original text, not at `out`, as the evaluation code does.
         if (mark + " " in text or " " + mark in text) or has_digit_comma:
             out = out.replace(mark, "")
         else:
@@ -109,15 +115,15 @@ def _clean_whitespace(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+def _normalise_answer(text: str) -> str:
+    return _process_digit_article(_process_punctuation(_clean_whitespace(text)))
+
+
 def _vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """One question's accuracy (0-1), exactly as `VQAEval.evaluate` computes it."""
-    prediction = _clean_whitespace(prediction)
-    answers = [_clean_whitespace(answer) for answer in answers]
-    # As in the official code: the answer normalisation is applied (to the prediction and to every answer) only when
-    # the annotators disagree, i.e. when the whitespace-cleaned answers are not all the same string.
-    if len(set(answers)) > 1:
-        answers = [_process_digit_article(_process_punctuation(answer)) for answer in answers]
-        prediction = _process_digit_article(_process_punctuation(prediction))
+    """One question's accuracy (0-1), exactly as open_flamingo's `VQAEval.evaluate` computes it: the prediction and
+    every answer are normalised, whether or not the annotators agree."""
+    prediction = _normalise_answer(prediction)
+    answers = [_normalise_answer(answer) for answer in answers]
     per_left_out = []
     for left_out in range(len(answers)):
         matching = sum(1 for i, answer in enumerate(answers) if i != left_out and answer == prediction)
@@ -125,30 +131,39 @@ def _vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(per_left_out) / len(per_left_out)
 
 
+def _cut_vqa_answer(text: str) -> str:
+    """open_flamingo's answer cut (`postprocess_vqa_generation`): up to the first "Question", "Answer" or "Short",
+    then up to the first ", "; not stripped."""
+    return re.split(", ", re.split("Question|Answer|Short", text, maxsplit=1)[0], maxsplit=1)[0]
+
+
 def compute_vqa_accuracy(predictions: list[str], answers: list[list[str]], *, ok_vqa: bool = False) -> float:
     """
-    The VQA accuracy of the official VQAv2 evaluation code (`vqaEval.py`, `VQAEval.evaluate`, as shipped by
-    open_flamingo in `open_flamingo/eval/vqa_metric.py`), in percent.
+    The VQA accuracy that open_flamingo 2.0.1 computes (`VQAEval.evaluate` in `open_flamingo/eval/vqa_metric.py`, its
+    copy of the VQAv2 evaluation code), in percent.
 
-    Per question: newlines and tabs become spaces and both ends are stripped (prediction and answers); then, only
-    when the answers are not all the same string, the official normalisation is applied to the prediction and to
-    every answer: punctuation handling (a mark next to a space is deleted, otherwise it becomes a space; every mark is
-    deleted once the text has a comma between digits, "1,000" -> "1000"; periods not followed by a digit are
-    removed), lower-casing, number words to digits ("two" -> "2"), removal of "a", "an", "the", and the contractions
-    table ("dont" -> "don't"), words re-joined by single spaces. The accuracy of the question is the mean, over each
-    annotator left out in turn (10 subsets for the usual 10 answers), of min(1, #other answers equal to the
-    prediction / 3). The result is the mean over questions times 100 (not rounded; the official code rounds to two
-    decimals when it reports).
+    Per question, the prediction and every answer are normalised: newlines and tabs become spaces and both ends are
+    stripped; punctuation handling (a mark next to a space is deleted, otherwise it becomes a space; every mark is
+    deleted once the text has a comma between digits, "1,000" -> "1000"; periods not followed by a digit are removed,
+    "3.5" keeps its point); lower-casing, number words to digits ("two" -> "2"), removal of "a", "an", "the", and the
+    contractions table ("dont" -> "don't"), words re-joined by single spaces. This happens also when all annotators
+    gave the same answer ("Yes." scores 100 against ten "yes"): open_flamingo's copy has no exception for that case,
+    unlike some copies of the official `vqaEval.py`. The accuracy of the question is the mean, over each annotator left
+    out in turn (10 subsets for the usual 10 answers), of min(1, #other answers equal to the prediction / 3). (The
+    original leaves out an annotation record; the records of VQA-format annotation files are distinct, as their
+    `answer_id`s are, so one answer is left out each time.) The result is the mean over questions times 100.
 
-    Note the official quirk kept here: where all answers are identical, nothing is normalised, so the prediction must
-    equal that answer exactly (after whitespace cleaning) — "Two" scores 0 against ten "2".
+    Not rounded: open_flamingo's `compute_vqa_accuracy` returns `round(accuracy, 2)` (VQAEval's `n=2`), and its
+    evaluation reports the mean of those per-trial figures; `round(compute_vqa_accuracy(...), 2)` is that number.
 
     Args:
-        predictions: one generated answer per question (already cut by the generation post-processing).
+        predictions: one generated answer per question, already cut by the generation post-processing (open_flamingo's
+            `postprocess_vqa_generation`, `OpenFlamingoProcessor.postprocess_answer("vqa", ...)` here).
         answers: for each question, every annotator's answer (usually 10). For OK-VQA pass the v1.1 `answers` field,
             which is stemmed already.
         ok_vqa: first apply open_flamingo's `postprocess_ok_vqa_generation` to each prediction: cut at the first
-            "Question", "Answer" or "Short", then `okvqa_stem` (needs the `eval` extra and NLTK data; see there).
+            "Question", "Answer" or "Short", then at the first ", ", then `okvqa_stem` (needs the `eval` extra and NLTK
+            data; see there). The cuts change nothing in an answer that `postprocess_answer` has cut already.
 
     Raises:
         ValueError: the lists differ in length, are empty, or a question has no answers.
@@ -169,7 +184,7 @@ def compute_vqa_accuracy(predictions: list[str], answers: list[list[str]], *, ok
         if len(question_answers) == 0:
             raise ValueError(f"question {index} has no answers (len(answers[{index}]) == 0)")
     if ok_vqa:
-        predictions = [okvqa_stem(re.split("Question|Answer|Short", p, maxsplit=1)[0]) for p in predictions]
+        predictions = [okvqa_stem(_cut_vqa_answer(p)) for p in predictions]
     total = sum(_vqa_question_accuracy(p, a) for p, a in zip(predictions, answers))
     return 100.0 * total / len(predictions)
 

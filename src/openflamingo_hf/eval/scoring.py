@@ -96,5 +96,20 @@ def _cache_at_prefix(cache, prefix_length: int):
 
 
 def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """(batch, num_classes) scores -> probabilities over the classes (softmax), e.g. P("yes") for Hateful Memes."""
-    return torch.softmax(scores.float(), dim=-1)
+    """
+    (batch, num_classes) scores -> (batch, num_classes) float32 probabilities over the classes, e.g. P("yes") for
+    Hateful Memes.
+
+    With two classes they are derived as open_flamingo's `evaluate_classification` derives its Hateful Memes score:
+    the top class (`torch.topk`, as there) gets exp(score - logsumexp(scores)), the other class one minus that. This
+    is not always the softmax to the last bit: a class the model all but rules out gets a multiple of 2**-24 (0 below
+    about 3e-8), so such examples tie in ROC-AUC as they did in the original (tests/test_eval_vs_original.py). (One
+    minus the top probability is exact in float32 whenever that is at least 0.5; only for two equal scores can the
+    original's float64 figure be 2**-25 away.) With any other number of classes: the softmax.
+    """
+    scores = scores.float()
+    if scores.shape[-1] != 2:
+        return torch.softmax(scores, dim=-1)
+    top_score, top = torch.topk(scores, k=1, dim=-1)
+    top_probability = torch.exp(top_score - torch.logsumexp(scores, dim=-1, keepdim=True))
+    return (1 - top_probability).expand_as(scores).clone().scatter_(-1, top, top_probability)
