@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
 from ..eval.evaluate import BENCHMARKS
+from .threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo-eval"
 
@@ -55,6 +56,7 @@ class EvalArguments:
                 "wordnet data); --ok_vqa_stemming false scores OK-VQA with plain VQA accuracy (not comparable to the "
                 "paper). Off with --embedded_world, whose answers are base forms already."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda if available)."})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
 
 def _dataset_arguments_class():
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.results_file and os.path.isdir(args.results_file):
             raise ValueError(f"--results_file {args.results_file} is a folder; give a file name (results.json).")
+        set_cpu_threads(args.threads)
         run(args, datasets)  # checks the flags (selected_benchmarks) before it loads any file or the model
     except (ValueError, OSError, RuntimeError) as error:  # bad files or flags, missing Java / NLTK data
         parser.error(str(error))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from .parsing import UsageError, check_model_source
+from .threads import THREADS_HELP, set_cpu_threads
 
 # Light at import: models, datasets and peft are imported when a run starts.
 
@@ -72,6 +73,7 @@ class ModelArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
 
 @dataclass
@@ -196,6 +198,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                            ("--tokenizer", model_args.tokenizer)):
         if source:
             check_model_source(option, source, needs_config=option != "--tokenizer")
+    if model_args.threads is not None and model_args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {model_args.threads}.")
     if model_args.lora:
         from ..trainer.finetune import check_lora_targets
 
@@ -355,6 +359,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     from ..trainer.collator import OpenFlamingoDataCollator
     from ..trainer.trainer import OpenFlamingoTrainer
 
+    set_cpu_threads(model_args.threads)
     processor = _loading("the processor", load_processor, model_args)
     dataset = None
     if data_args.finetune_data:  # every line is checked before the model loads
