@@ -1,26 +1,101 @@
-"""`ImageTextToTextPipeline` that also takes images alone (zero-shot captioning).
+"""`ImageTextToTextPipeline` that batches rows of any shape and also takes images alone (zero-shot captioning).
 
-transformers 5 folded the `image-to-text` task into `image-text-to-text`, whose pipeline requires text with every
-image. OpenFlamingo's zero-shot caption prompt is just `<image>`, so an image-only call has an obvious meaning: this
-subclass gives each image an empty text, which `OpenFlamingoProcessor` turns into `<image>` (its "images without
-markers" rule). Everything else — few-shot prompts, chat messages, batches, `generate_kwargs` — is the stock
+Batches: with `batch_size > 1`, transformers' pipelines process every row on its own and collate the rows by
+concatenating their `pixel_values`, which only works when all rows hold the same number of images (and frames).
+OpenFlamingo rows do not: a few-shot chat, a zero-shot one and a text-only one differ in their image count. This
+subclass carries each row's media past the collation and stacks them itself, per batch, the way
+`OpenFlamingoProcessor` lays out a batch it is given whole: every row padded to the batch's largest image and frame
+counts with zero images, a row's k `<image>` markers using its first k slots. So a batch answers exactly as its rows
+run one by one. (The stock `pipeline("image-text-to-text")` batches such rows too when every row is padded to the
+same count up front: `pipe(chats, batch_size=4, processor_kwargs={"max_num_images": 3})`.)
+
+Images alone: transformers 5 folded the `image-to-text` task into `image-text-to-text`, whose pipeline requires text
+with every image. OpenFlamingo's zero-shot caption prompt is just `<image>`, so an image-only call has an obvious
+meaning: this subclass gives each image an empty text, which `OpenFlamingoProcessor` turns into `<image>` (its
+"images without markers" rule). Everything else — few-shot prompts, chat messages, `generate_kwargs` — is the stock
 pipeline.
 
-Use it directly, `pipeline("image-to-text", model=model, processor=processor, pipeline_class=OpenFlamingoPipeline)`,
-or through a Hub folder exported with `openflamingo_hf.export_for_hub`, whose `config.json` names this class for the
-`image-to-text` task (`pipeline("image-to-text", model=repo_id, trust_remote_code=True)`).
+Use it directly, `pipeline("image-text-to-text", model=model, processor=processor, pipeline_class=OpenFlamingoPipeline)`
+(or the `image-to-text` task), or through a Hub folder exported with `openflamingo_hf.export_for_hub`, whose
+`config.json` names this class for the `image-to-text` task (`pipeline("image-to-text", model=repo_id,
+trust_remote_code=True)`).
 
 This file imports nothing from the `openflamingo_hf` package: it is also shipped alone in remote-code Hub folders.
 """
 
 from __future__ import annotations
 
+import torch
 from transformers import ImageTextToTextPipeline
 from transformers.image_utils import valid_images
 
+# What the processor returns about a row's media; each row carries them to `_forward` in one `_RowMedia`.
+MEDIA_KEYS = ("pixel_values", "frame_mask", "image_mask")
+_ROW_MEDIA_KEY = "openflamingo_row_media"
+
+
+class _RowMedia:
+    """
+    The media tensors of one preprocessed row (or of a batch given whole in one call). Not a tensor, so that the
+    pipeline's collation keeps the rows' objects in a list (for `_forward` to stack) instead of concatenating their
+    `pixel_values`, which differ in their image and frame counts.
+    """
+
+    __slots__ = ("tensors", "num_rows")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], num_rows: int):
+        self.tensors, self.num_rows = tensors, num_rows
+
+    def __getstate__(self):  # DataLoader workers pickle the rows
+        return self.tensors, self.num_rows
+
+    def __setstate__(self, state):
+        self.tensors, self.num_rows = state
+
+
+def stack_row_media(rows: list[_RowMedia], num_images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """
+    One batch's `pixel_values` (and `frame_mask`) from its rows' media, laid out as `OpenFlamingoProcessor` lays out a
+    batch: `(batch, max images, max frames, 3, H, W)`, zero images padding each row after its own, frames after each
+    medium's own. `num_images` (batch,) holds each row's `<image>` count: slots beyond the largest one are padding in
+    every row and are dropped, so no `image_mask` is needed (the model reads each row's count from its markers).
+    """
+    pixel_rows = [row.tensors.get("pixel_values") for row in rows]
+    num_slots = int(num_images.max()) if num_images.numel() else 0
+    if num_slots == 0 or all(pixels is None for pixels in pixel_rows):
+        return {}  # no row has an <image> marker (rows padded with `max_num_images` may still carry zero images)
+    # 5-D pixel values are one frame per image.
+    pixel_rows = [p if p is None or p.ndim == 6 else p.unsqueeze(2) for p in pixel_rows]
+    given = [p for p in pixel_rows if p is not None]
+    num_frames = max(p.shape[2] for p in given)
+    image_shape, dtype = given[0].shape[3:], given[0].dtype
+    has_frame_mask = num_frames > 1 or any("frame_mask" in row.tensors for row in rows)
+
+    pixel_values = torch.zeros((sum(row.num_rows for row in rows), num_slots, num_frames, *image_shape), dtype=dtype)
+    frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
+    start = 0
+    for row, pixels in zip(rows, pixel_rows):
+        stop = start + row.num_rows
+        if pixels is not None:
+            slots, frames = min(pixels.shape[1], num_slots), pixels.shape[2]
+            pixel_values[start:stop, :slots, :frames] = pixels[:, :slots]
+            row_mask = row.tensors.get("frame_mask")
+            if row_mask is not None:
+                frame_mask[start:stop, :slots, :frames] = row_mask[:, :slots].bool()
+            else:  # one frame per image, all real
+                frame_mask[start:stop, :slots, :frames] = True
+        start = stop
+    stacked = {"pixel_values": pixel_values}
+    if has_frame_mask:
+        stacked["frame_mask"] = frame_mask
+    return stacked
+
 
 class OpenFlamingoPipeline(ImageTextToTextPipeline):
-    """Image-text-to-text generation; `pipe(image)` / `pipe([image, ...])` caption each image zero-shot."""
+    """
+    Image-text-to-text generation whose batches (`batch_size > 1`) may mix rows with any numbers of images, videos
+    or none; `pipe(image)` / `pipe([image, ...])` caption each image zero-shot.
+    """
 
     def __call__(self, images=None, text=None, **kwargs):
         if text is None and images is not None and valid_images(images):
@@ -30,6 +105,21 @@ class OpenFlamingoPipeline(ImageTextToTextPipeline):
             else:
                 text = ""
         return super().__call__(images=images, text=text, **kwargs)
+
+    def preprocess(self, inputs=None, **kwargs):
+        model_inputs = super().preprocess(inputs, **kwargs)
+        media = {key: model_inputs.pop(key) for key in MEDIA_KEYS if key in model_inputs}
+        model_inputs[_ROW_MEDIA_KEY] = _RowMedia(media, num_rows=model_inputs["input_ids"].shape[0])
+        return model_inputs
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        media = model_inputs.pop(_ROW_MEDIA_KEY)
+        rows = media if isinstance(media, list) else [media]  # a list when the pipeline collated several rows
+        input_ids = model_inputs["input_ids"]
+        num_images = (input_ids == self.processor.image_token_id).sum(dim=-1)
+        for key, value in stack_row_media(rows, num_images.cpu()).items():
+            model_inputs[key] = value.to(input_ids.device)
+        return super()._forward(model_inputs, generate_kwargs)
 
 
 __all__ = ["OpenFlamingoPipeline"]

@@ -8,6 +8,7 @@
     openflamingo export ...                                 # = openflamingo-export ...
     openflamingo train ...                                  # = openflamingo-train ...
     openflamingo eval ...                                   # = openflamingo-eval ...
+    openflamingo serve [--model PATH] [--port 8000]         # OpenAI-compatible API on 127.0.0.1
 
 Every subcommand explains itself with `--help`; every usage problem is one `openflamingo <sub>: error: ...` line on
 stderr and exit status 2. Importing this module is light: torch models, the processor and the release table are
@@ -71,6 +72,16 @@ def _eval_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _serve_main(argv: list[str]) -> int:
+    try:
+        from .serve import main
+    except ImportError as error:  # transformers' serving code is missing (too old a transformers)
+        print(f"{PROG} serve: error: transformers' serving code cannot be imported ({error}); install transformers "
+              ">= 5.25 and the serve extra: pip install 'openflamingo-hf[serve]'.", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
 # name -> (one-line help, entry point taking the remaining argv)
 PASSTHROUGH_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "convert": (
@@ -84,6 +95,8 @@ PASSTHROUGH_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("Pretrain or fine-tune an OpenFlamingo model (= openflamingo-train).", _train_main),
     "eval": ("Few-shot evaluation on the paper's benchmarks, random or RICES demonstrations (= openflamingo-eval).",
              _eval_main),
+    "serve": ("Serve a model with an OpenAI-compatible chat-completions API (transformers' server; default: the "
+              "shipped model on 127.0.0.1:8000).", _serve_main),
 }
 
 

@@ -22,7 +22,9 @@ import os
 import re
 from importlib import resources
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import PIL.Image
@@ -110,7 +112,16 @@ def default_image_processor():
 
 
 class OpenFlamingoProcessorKwargs(ProcessingKwargs, total=False):
-    pass
+    """
+    transformers' processor kwargs, plus:
+
+    max_num_images (`int`, *optional*):
+        Pad every sample to exactly this many media slots (zero images) and return `image_mask` and `frame_mask`, so
+        that samples processed one by one stack into a batch (transformers' pipelines collate rows by concatenating
+        `pixel_values`). A sample with more images is an error.
+    """
+
+    max_num_images: int | None
 
 
 class OpenFlamingoProcessor(ProcessorMixin):
@@ -143,6 +154,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
             The end-of-chunk token: closes the text that belongs to an image; the generation stop token.
         pad_token (`str`, *optional*, defaults to `"<PAD>"`):
             Pad token added when the tokenizer has none.
+        num_frames (`int`, *optional*):
+            The default of the call argument `num_frames`: how many frames are sampled (uniformly) from each video
+            when a call does not say. Saved with the processor (`processor_config.json`); for a model with frame
+            embeddings it is the model's `config.perceiver_max_num_frames`. This is its only role: a call's
+            `num_frames=` (or `videos_kwargs={"num_frames": ...}`) overrides it for that call alone and never changes
+            `processor.num_frames`; a call's `num_frames=None` means "the default"; `do_sample_frames=False` takes
+            every frame of each video and ignores it. Images are 1-frame media whatever its value.
     """
 
     valid_processor_kwargs = OpenFlamingoProcessorKwargs
@@ -255,11 +273,19 @@ class OpenFlamingoProcessor(ProcessorMixin):
     @staticmethod
     def postprocess_answer(task: str, text: str) -> str:
         """
-        Where a generated evaluation answer ends, as the original cut it: captions at "Output" (and without
-        double quotes), VQA answers at "Question" / "Answer" / "Short" and at the first ", "; stripped.
+        Where a generated evaluation answer ends, as the original cut it (open_flamingo's
+        `postprocess_captioning_generation(text).replace('"', "")` and `postprocess_vqa_generation`): captions up to
+        the first "Output", without double quotes; VQA answers up to the first "Question" / "Answer" / "Short", then up
+        to the first ", ". Both ends are then stripped of whitespace, which the original does not do but which changes
+        no score: VQA accuracy strips the answer itself (and NLTK's word tokenizer, before OK-VQA's stemming, splits on
+        whitespace), and the PTB tokenizer of CIDEr ignores whitespace at a caption's ends, except next to the
+        characters it takes for line breaks (carriage return, vertical tab, form feed, U+2028, U+2029): a caption
+        holding one of those is left unstripped, as the original left it (tests/test_eval_vs_original.py checks all of
+        this against the original's code).
         """
         if task == "captioning":
-            return text.split("Output", 1)[0].replace('"', "").strip()
+            caption = text.split("Output", 1)[0].replace('"', "")
+            return caption if any(char in caption for char in "\r\v\f\u2028\u2029") else caption.strip()
         if task == "vqa":
             return re.split(", ", re.split("Question|Answer|Short", text, maxsplit=1)[0], maxsplit=1)[0].strip()
         return text.strip()
@@ -383,6 +409,22 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 The channel axis of 3-D image arrays / tensors, when the layout rule below would guess wrong.
             text (`str` or `list[str]`, *optional*):
                 One text or a batch; `<image>` marks where each image goes, in order.
+            videos (*optional*):
+                Videos, each filling one `<video>` marker with its frames (see the README's Videos section): per
+                sample, in text order, a list of frames, a `(T, H, W, C)` / `(T, C, H, W)` array or tensor, or a file.
+            audio (*optional*):
+                Ignored, as transformers' processors ignore a modality they have no component for: OpenFlamingo
+                reads images, videos and text (a warning says so once).
+            num_frames (`int`, *optional*):
+                Frames sampled uniformly from each video (videos with fewer keep all theirs). Defaults to
+                `processor.num_frames`; `None` means that default. Also accepted in `videos_kwargs`.
+            do_sample_frames (`bool`, *optional*):
+                `False` takes every frame of each video and needs no `num_frames` (ignoring it, as transformers'
+                video processors do); `True` or unset samples `num_frames` frames. Sampling by `fps` is not
+                supported: pass `num_frames`.
+            max_num_images (`int`, *optional*):
+                Pad every sample to this many media slots and return `image_mask` and `frame_mask` (see Returns), so
+                that samples processed separately (a pipeline with `batch_size > 1`) stack into one batch.
             padding, truncation, max_length, padding_side, return_tensors, ...:
                 Tokenizer arguments. Padding defaults to `"longest"` and `padding_side` to `"left"` (prompts for
                 generation); pass `padding_side="right"` for training.
@@ -419,8 +461,14 @@ class OpenFlamingoProcessor(ProcessorMixin):
             [`BatchFeature`] with:
             - **input_ids** -- `(batch_size, sequence_length)` token ids.
             - **attention_mask** -- `(batch_size, sequence_length)`, 0 on padding.
-            - **pixel_values** -- `(batch_size, max_num_images, 1, 3, height, width)`, float; rows with fewer images
-              are padded with all-zero images (a row without images is all zeros). Absent when no sample has images.
+            - **pixel_values** -- `(batch_size, max_num_images, num_frames, 3, height, width)`, float; `num_frames`
+              is 1 unless there are videos. Rows with fewer media are padded with all-zero images (a row without
+              media is all zeros); a sample's k `<image>` markers use its first k slots. Absent when no sample has
+              media (unless `max_num_images` is given).
+            - **frame_mask** -- `(batch_size, max_num_images, num_frames)` bool, `False` on padding frames and slots:
+              returned when some medium has several frames, or with `max_num_images`.
+            - **image_mask** -- `(batch_size, max_num_images)` bool, `True` on real media: returned with
+              `max_num_images` only (without it the model reads a row's media count from its `<image>` markers).
         """
         # `_merge_kwargs` ranks `padding_side` from the tokenizer's init kwargs above processor defaults, so the
         # left-padding default has to be applied here, where only an explicit user choice can override it.
@@ -442,9 +490,16 @@ class OpenFlamingoProcessor(ProcessorMixin):
         image-only rules and reads image paths.
         """
         if audio is not None:
-            raise ValueError("OpenFlamingoProcessor handles images, videos and text; got `audio`.")
+            # As transformers' base processor does with a modality it has no component for.
+            logger.warning_once(
+                "OpenFlamingoProcessor ignores `audio`: OpenFlamingo reads images, videos and text only."
+            )
         if images is None and text is None and videos is None:
-            raise ValueError("OpenFlamingoProcessor needs `images`, `videos`, `text`, or a combination.")
+            raise ValueError(
+                "OpenFlamingoProcessor needs `images`, `videos`, `text`, or a combination"
+                + (" (it ignores `audio`)." if audio is not None else ".")
+            )
+        max_num_images = _requested_max_num_images(kwargs)
 
         texts = None if text is None else self._as_text_list(text)
         rows = None if images is None else self._split_images(images, texts)
@@ -472,13 +527,65 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 [self._load_image(image, sample_idx, image_idx, channel_format) for image_idx, image in enumerate(row)]
                 for sample_idx, row in enumerate(rows)
             ]
+        sampling = self._frame_sampling(kwargs)
         if video_rows is not None or any(self._count_markers(sample, VIDEO_MARKER) for sample in texts):
-            rows, texts = self._interleave_videos(
-                rows, video_rows, texts, _requested_num_frames(kwargs, self), channel_format
-            )
+            rows, texts = self._interleave_videos(rows, video_rows, texts, sampling, channel_format)
+        if max_num_images is not None:
+            return self._padded_rows(rows, texts, max_num_images, sampling), texts, None, None
         if rows is not None and not any(rows):
             rows = None
         return rows, texts, None, None
+
+    def _frame_sampling(self, kwargs: dict[str, Any]) -> _FrameSampling:
+        """
+        How frames are taken from each video in this call: `num_frames` of the call (top level or `videos_kwargs`;
+        `None` is the default), else `processor.num_frames`; every frame with `do_sample_frames=False`.
+        """
+        videos_kwargs = kwargs.get("videos_kwargs") or {}
+
+        def requested(name: str) -> Any:
+            top, nested = kwargs.get(name), videos_kwargs.get(name)
+            if top is not None and nested is not None and top != nested:
+                raise ValueError(
+                    f"{name} is given twice with different values: {name}={top!r} and "
+                    f"videos_kwargs={{{name!r}: {nested!r}}}. Pass it once."
+                )
+            return top if top is not None else nested
+
+        num_frames, do_sample_frames = requested("num_frames"), requested("do_sample_frames")
+        if requested("fps") is not None:
+            raise ValueError(
+                "OpenFlamingoProcessor samples a fixed number of frames per video, not frames per second: pass "
+                "num_frames=N instead of fps."
+            )
+        if do_sample_frames is False:  # as transformers' video processors: every frame, num_frames unused
+            if num_frames is not None:
+                logger.warning_once(
+                    f"do_sample_frames=False takes every frame of each video: num_frames={num_frames!r} is ignored."
+                )
+            return _FrameSampling(num_frames=None, every_frame=True)
+        if num_frames is None:
+            num_frames = self.num_frames
+        if num_frames is not None and (
+            isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
+        ):
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}.")
+        return _FrameSampling(num_frames=num_frames, every_frame=False)
+
+    def _padded_rows(
+        self, rows: list[list[Any]] | None, texts: list[str], max_num_images: int, sampling: _FrameSampling
+    ) -> _PaddedMediaRows:
+        """The media rows of a `max_num_images` call: every sample padded to `max_num_images` slots of at least
+        `num_frames` frames (1 for images), whatever its own media."""
+        rows = rows if rows is not None else [[] for _ in texts]
+        for sample_idx, row in enumerate(rows):
+            if len(row) > max_num_images:
+                raise ValueError(
+                    f"Sample {sample_idx} has {_plural(len(row), 'image')} (videos included) but "
+                    f"max_num_images={max_num_images}: raise max_num_images to the largest number of images of a "
+                    "sample."
+                )
+        return _PaddedMediaRows(rows, num_slots=max_num_images, num_frames=sampling.num_frames or 1)
 
     @staticmethod
     def _as_text_list(text: TextInput | list[TextInput]) -> list[str]:
@@ -641,7 +748,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         rows: list[list[Any]] | None,
         video_rows: list[list[Any]] | None,
         texts: list[str],
-        num_frames: int | None,
+        sampling: _FrameSampling,
         channel_format: ChannelDimension | None = None,
     ) -> tuple[list[list[Any]], list[str]]:
         """Each sample's media in text order (images as they are, videos as `_VideoFrames`), `<video>` -> `<image>`."""
@@ -659,7 +766,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
             media, video_idx = [], 0
             for match in either.finditer(sample):
                 if match.group(0) == VIDEO_MARKER:
-                    media.append(self._load_video(videos[video_idx], sample_idx, video_idx, num_frames, channel_format))
+                    media.append(self._load_video(videos[video_idx], sample_idx, video_idx, sampling, channel_format))
                     video_idx += 1
                 elif images:
                     media.append(images.pop(0))
@@ -674,17 +781,19 @@ class OpenFlamingoProcessor(ProcessorMixin):
         video: Any,
         sample_idx: int,
         video_idx: int,
-        num_frames: int | None,
+        sampling: _FrameSampling,
         channel_format: ChannelDimension | None = None,
     ) -> _VideoFrames:
-        """The frames of one video, sampled uniformly to `num_frames` (all of them when it has no more)."""
+        """The frames of one video, sampled uniformly to `sampling.num_frames` (all of them when it has no more, or
+        with `do_sample_frames=False`)."""
         where = f"Sample {sample_idx}, video {video_idx}"
-        if num_frames is None:
+        num_frames = sampling.num_frames
+        if num_frames is None and not sampling.every_frame:
             raise ValueError(
                 f"{where}: the processor does not know how many frames to take from a video (processor.num_frames "
                 "is None: the model has no frame embeddings). Pass num_frames=N: the model's "
                 "config.perceiver_max_num_frames, or, for a model without frame embeddings, the N frames to flatten "
-                "into one media slot as the released models would."
+                "into one media slot as the released models would; or do_sample_frames=False for every frame."
             )
         if isinstance(video, (str, os.PathLike)):
             frames = _read_video_file(os.fspath(video), num_frames, where)
@@ -692,7 +801,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
             frames = video
             if len(frames) == 0:
                 raise ValueError(f"{where} has no frames.")
-            frames = [frames[int(i)] for i in uniform_frame_indices(len(frames), num_frames)]
+            if num_frames is not None:
+                frames = [frames[int(i)] for i in uniform_frame_indices(len(frames), num_frames)]
         return _VideoFrames(
             self._load_image(frame, sample_idx, video_idx, channel_format, where=f"{where}, frame {frame_idx}")
             for frame_idx, frame in enumerate(frames)
@@ -720,24 +830,25 @@ class OpenFlamingoProcessor(ProcessorMixin):
     def _process_images(self, images: list[list[Any]], **kwargs) -> tuple[dict[str, Any], list[str]]:
         """
         Runs the image processor on all images at once and lays them out as
-        `(batch_size, max_num_images, 1, 3, height, width)`, zero-padding rows with fewer images.
+        `(batch_size, max_num_images, num_frames, 3, height, width)`, zero-padding rows with fewer media and media
+        with fewer frames. A `max_num_images` call pads to its slot and frame counts and returns both masks.
 
-        Returns `({"pixel_values": ...}, [])`: no marker replacement, OpenFlamingo keeps one marker per image.
+        Returns `({"pixel_values": ..., ...}, [])`: no marker replacement, OpenFlamingo keeps one marker per image.
         """
         return_tensors = kwargs.pop("return_tensors", None)
-        kwargs.pop("num_frames", None)  # used when the videos were read
         frames = [list(item) if isinstance(item, _VideoFrames) else [item] for row in images for item in row]
         flat = [frame for item in frames for frame in item]
         # Always ask for a stacked torch tensor: the image processor returns a list otherwise.
-        processed = self.image_processor(flat, return_tensors="pt", **kwargs)["pixel_values"]
+        processed = self.image_processor(flat or [self._blank_image()], return_tensors="pt", **kwargs)["pixel_values"]
         if not isinstance(processed, torch.Tensor) or processed.ndim != 4:
             raise ValueError(
                 "The image processor must return one `(3, height, width)` array per image, all of the same size, to "
                 "batch them; got a result that does not stack. Keep `do_center_crop=True` (or resize to a square)."
             )
 
-        max_images = max(len(row) for row in images)
-        max_frames = max(len(item) for item in frames)
+        padded = isinstance(images, _PaddedMediaRows)
+        max_images = max([len(row) for row in images] + ([images.num_slots] if padded else []))
+        max_frames = max([len(item) for item in frames] + ([images.num_frames] if padded else [1]))
         pixel_values = processed.new_zeros((len(images), max_images, max_frames, *processed.shape[1:]))
         frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
         start, item_idx = 0, 0
@@ -748,11 +859,19 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 frame_mask[sample_idx, media_idx, :count] = True
                 start, item_idx = start + count, item_idx + 1
         outputs = {"pixel_values": pixel_values}
-        if max_frames > 1:  # videos: which frames are real (shorter media are padded with zero frames)
+        if max_frames > 1 or padded:  # which frames are real (shorter media are padded with zero frames)
             outputs["frame_mask"] = frame_mask
+        if padded:  # which slots are real: the model cannot tell from the markers which slots no row uses
+            outputs["image_mask"] = frame_mask.any(dim=-1)
         if return_tensors != "pt":
             outputs = {key: value.numpy() for key, value in outputs.items()}
         return outputs, []
+
+    @staticmethod
+    def _blank_image() -> PIL.Image.Image:
+        """A stand-in for the image processor when a `max_num_images` call has no image at all: only the shape of
+        its output is used (for the all-zero padding)."""
+        return PIL.Image.new("RGB", (8, 8))
 
     def _check_special_mm_tokens(self, text: list[str], text_inputs: BatchFeature, modalities: list[str]) -> None:
         """Raises if tokenization (i.e. truncation) lost an `<image>` marker, naming the sample."""
@@ -778,6 +897,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
     def unused_input_names(self) -> list[str]:
         # The model takes no token type ids; some tokenizers return them by default.
         return ["token_type_ids"]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """Every input the processor can return for the model: the tokenizer's and the image processor's, the frame
+        mask of videos, and the image mask of `max_num_images` calls."""
+        names = super().model_input_names
+        return names + [name for name in ("frame_mask", "image_mask") if name not in names]
 
     # ------------------------------------------------------------------------------------------------------------
     # Decoding
@@ -888,8 +1014,9 @@ def uniform_frame_indices(total_num_frames: int, num_frames: int) -> np.ndarray:
     return default_sample_indices_fn(VideoMetadata(total_num_frames=total_num_frames), num_frames=num_frames)
 
 
-def _read_video_file(path: str, num_frames: int, where: str) -> np.ndarray:
-    """(T, H, W, C) uint8 frames of a video file, uniformly sampled, read by transformers' `load_video` (PyAV)."""
+def _read_video_file(path: str, num_frames: int | None, where: str) -> np.ndarray:
+    """(T, H, W, C) uint8 frames of a video file, uniformly sampled to `num_frames` (`None`: every frame), read by
+    transformers' `load_video` (PyAV)."""
     if not os.path.isfile(path):
         raise ValueError(f"{where}: no such video file: {path}.")
     from transformers.video_utils import load_video
@@ -897,7 +1024,9 @@ def _read_video_file(path: str, num_frames: int, where: str) -> np.ndarray:
     try:
         frames, _ = load_video(
             path, backend="pyav",
-            sample_indices_fn=lambda metadata, **_: uniform_frame_indices(metadata.total_num_frames, num_frames),
+            sample_indices_fn=lambda metadata, **_: uniform_frame_indices(
+                metadata.total_num_frames, metadata.total_num_frames if num_frames is None else num_frames
+            ),
         )
     except ImportError as error:
         raise ImportError(f"{where}: reading video files needs PyAV: `pip install av` ({error}).") from error
@@ -908,11 +1037,26 @@ def _read_video_file(path: str, num_frames: int, where: str) -> np.ndarray:
     return frames
 
 
-def _requested_num_frames(kwargs: dict[str, Any], processor: OpenFlamingoProcessor) -> int | None:
-    """Frames per video: a `num_frames=` of the call (top level or `videos_kwargs`), else `processor.num_frames`."""
-    value = kwargs.get("num_frames", kwargs.get("videos_kwargs", {}).get("num_frames", processor.num_frames))
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"num_frames must be a positive integer, got {value!r}.")
+class _FrameSampling(NamedTuple):
+    """How a call takes frames from its videos: `num_frames` sampled uniformly, or every frame."""
+
+    num_frames: int | None
+    every_frame: bool
+
+
+class _PaddedMediaRows(list):
+    """The media rows of a `max_num_images` call: `_process_images` pads every row to `num_slots` slots of at least
+    `num_frames` frames, and returns both masks."""
+
+    def __init__(self, rows: list[list[Any]], num_slots: int, num_frames: int):
+        super().__init__(rows)
+        self.num_slots, self.num_frames = num_slots, num_frames
+
+
+def _requested_max_num_images(kwargs: dict[str, Any]) -> int | None:
+    value = kwargs.get("max_num_images")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_num_images must be a positive integer, got {value!r}.")
     return value
 
 
@@ -937,12 +1081,15 @@ def _requested_channel_format(kwargs: dict[str, Any]) -> ChannelDimension | None
 
 def _read_image_source(source: str, where: str) -> PIL.Image.Image:
     """
-    Opens an image file path, base64 image data (optionally as a `data:image/...` URL) or an http(s) URL.
+    Opens an image file path (or `file://` URL), base64 image data (optionally as a `data:image/...` URL) or an
+    http(s) URL.
 
     Files and base64 data are opened without a mode conversion, so that `_normalize_pil_image` can scale 16-bit
     images instead of PIL clipping them (which `load_image`'s `convert("RGB")` does). URLs are downloaded by
     `load_image`, which returns 8-bit RGB.
     """
+    if source.startswith("file://"):
+        source = url2pathname(urlparse(source).path)
     try:
         if source.startswith(("http://", "https://")):
             return load_image(source)
