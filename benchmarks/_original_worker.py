@@ -19,6 +19,8 @@ imports only the standard library at the top, so the benchmark (transformers 5) 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import importlib.util
 import itertools
 import json
 import os
@@ -193,7 +195,9 @@ def import_original() -> dict[str, Any]:
       needs torchvision's Python transforms, so when that happens its `_meta_registrations` module is replaced by an
       empty one and torchvision is imported again.
     - wandb: `open_flamingo.train.train_utils` imports it at the top but uses it only with `--report_to_wandb`; an
-      empty module stands in.
+      empty module stands in while that module is imported, and leaves `sys.modules` afterwards, so that libraries
+      which probe for wandb (accelerate does, with `importlib.util.find_spec`, when transformers imports it, which
+      happens wherever accelerate is installed: a GPU machine's image) find none.
     """
     try:
         import torchvision
@@ -204,11 +208,20 @@ def import_original() -> dict[str, Any]:
             del sys.modules[name]
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
         import torchvision  # noqa: F401
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
     import open_clip
     import open_flamingo
     from open_flamingo.src import factory
-    from open_flamingo.train.train_utils import train_one_epoch
+
+    stub = None
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        stub = types.ModuleType("wandb")
+        stub.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # find_spec on a spec-less module raises
+        sys.modules["wandb"] = stub
+    try:
+        from open_flamingo.train.train_utils import train_one_epoch
+    finally:
+        if stub is not None and sys.modules.get("wandb") is stub:
+            del sys.modules["wandb"]
 
     return {"open_clip": open_clip, "open_flamingo": open_flamingo, "factory": factory,
             "train_one_epoch": train_one_epoch}
@@ -493,6 +506,10 @@ def serve(requests, replies) -> None:
 def main() -> int:
     if "--check" in sys.argv[1:]:
         import_original()
+        # What `build` and `generate` import lazily (transformers' modeling and generation code pull in accelerate
+        # where it is installed), so that a broken combination fails here rather than in the benchmark.
+        from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, MptForCausalLM  # noqa: F401
+        from transformers.generation import utils  # noqa: F401
         return 0
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever else is printed (the original's own prints, C++ warnings) goes to stderr

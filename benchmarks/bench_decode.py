@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                  # tiny model on CPU (overhead-bound: what compile removes)
     python benchmarks/bench_decode.py --device cuda    # the same on a GPU
+    python benchmarks/bench_decode.py --no-compile --json rows.json   # eager rows only; every timing kept as JSON
 
 Decode cost is measured as (generate N tokens - generate 1 token) / (N - 1): the prefill and the image encoding
 cancel out, leaving the per-token step. Rows, all on the same random model and inputs, in one run:
@@ -20,6 +21,8 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from bench_generate import timed  # this folder is on sys.path when a benchmark runs as a script
@@ -51,8 +54,10 @@ def few_shot_inputs(model, shots: int, batch_size: int, device: str, tokens_per_
     return {"input_ids": ids.to(device), "pixel_values": pixels.to(device)}
 
 
-def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: int, **generate_kwargs) -> float:
-    """Per-token decode time: the difference between generating `new_tokens` and 1 token, per extra token."""
+def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: int, samples: dict | None = None,
+                        **generate_kwargs) -> float:
+    """Per-token decode time: the difference between generating `new_tokens` and 1 token, per extra token. `samples`,
+    when given, receives every timed call in seconds under "long_s" (`new_tokens`) and "short_s" (1 token)."""
 
     def generate(n):
         return lambda: model.generate(
@@ -60,7 +65,9 @@ def decode_ms_per_token(model, inputs, device: str, new_tokens: int, repeats: in
         )
 
     # `timed` warms each up first (which compiles, for the compiled row).
-    long, short = timed(generate(new_tokens), device, repeats), timed(generate(1), device, repeats)
+    samples = samples if samples is not None else {}
+    long = timed(generate(new_tokens), device, repeats, samples.setdefault("long_s", []))
+    short = timed(generate(1), device, repeats, samples.setdefault("short_s", []))
     return max(long - short, 1e-9) / (new_tokens - 1) * 1e3
 
 
@@ -79,32 +86,39 @@ def greedy_tokens(model, inputs, new_tokens: int, **generate_kwargs) -> torch.Te
 
 
 @torch.no_grad()
-def run(family: str, device: str, batch_size: int, new_tokens: int, repeats: int, shots: list[int]) -> list[dict]:
+def run(family: str, device: str, batch_size: int, new_tokens: int, repeats: int, shots: list[int],
+        compiled: bool = True) -> list[dict]:
     model = build_model(family, device)
     rows = []
     inputs = few_shot_inputs(model, 2, batch_size, device)
     cases = {
         "eager dynamic": {},
         "eager static": {"cache_implementation": "static"},
-        "compiled static": {"cache_implementation": "static", "compile_config": compile_config(device, False)},
     }
-    if not device.startswith("cuda"):
+    if compiled:
+        cases["compiled static"] = {"cache_implementation": "static", "compile_config": compile_config(device, False)}
+    if compiled and not device.startswith("cuda"):
         cases["compiled static, C++ wrapper"] = {
             "cache_implementation": "static", "compile_config": compile_config(device)
         }
     reference = greedy_tokens(model, inputs, new_tokens)
     for name, kwargs in cases.items():
+        samples: dict = {}
         try:
-            ms = decode_ms_per_token(model, inputs, device, new_tokens, repeats, **kwargs)
+            ms = decode_ms_per_token(model, inputs, device, new_tokens, repeats, samples, **kwargs)
             same = torch.equal(greedy_tokens(model, inputs, new_tokens, **kwargs), reference)
         except Exception as error:  # a row that cannot run says why, the others still run
-            rows.append({"case": name, "ms_per_token": None, "note": f"failed: {str(error).splitlines()[0][:80]}"})
+            rows.append({"case": name, "ms_per_token": None, "note": f"failed: {str(error).splitlines()[0][:80]}",
+                         "samples": samples})
             continue
         note = "2-shot prompt, tokens " + ("= eager dynamic" if same else "DIFFER from eager dynamic")
-        rows.append({"case": name, "ms_per_token": ms, "note": note})
+        rows.append({"case": name, "ms_per_token": ms, "note": note, "samples": samples})
     for k in shots:
-        ms = decode_ms_per_token(model, few_shot_inputs(model, k, batch_size, device), device, new_tokens, repeats)
-        rows.append({"case": f"{k}-shot", "ms_per_token": ms, "note": f"eager dynamic, {k + 1} images"})
+        samples = {}
+        ms = decode_ms_per_token(model, few_shot_inputs(model, k, batch_size, device), device, new_tokens, repeats,
+                                 samples)
+        rows.append({"case": f"{k}-shot", "ms_per_token": ms, "note": f"eager dynamic, {k + 1} images",
+                     "samples": samples})
     return rows
 
 
@@ -130,9 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the long run of each pair")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 8, 32], help="demonstration counts to compare")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (their first call compiles)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows, every timed call included, as JSON here")
     args = parser.parse_args(argv)
-    rows = run(args.family, args.device, args.batch_size, args.new_tokens, args.repeats, args.shots)
+    rows = run(args.family, args.device, args.batch_size, args.new_tokens, args.repeats, args.shots,
+               compiled=not args.no_compile)
     print_table(rows, args.family, args.device, args.batch_size)
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("family", "device", "batch_size", "new_tokens", "repeats", "shots")}
+        Path(args.json).write_text(json.dumps({"settings": {**settings, "torch": torch.__version__}, "rows": rows},
+                                              indent=1))
 
 
 if __name__ == "__main__":

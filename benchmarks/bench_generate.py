@@ -74,8 +74,8 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median wall time of `fn` in seconds, after one warm-up call."""
+def timed(fn, device: str, repeats: int, samples: list[float] | None = None) -> float:
+    """Median wall time of `fn` in seconds, after one warm-up call; each timed call is appended to `samples`."""
     fn()
     times = []
     for _ in range(repeats):
@@ -84,6 +84,8 @@ def timed(fn, device: str, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+    if samples is not None:
+        samples.extend(times)
     return statistics.median(times)
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                       # small shapes, CPU
     python benchmarks/bench_train_step.py --shape of3b --bf16   # OF-3B (ViT-L/14 + MPT-1B, xattn every layer), GPU
+    python benchmarks/bench_train_step.py --json runs.json      # also every run's step times as JSON
 
 The step is DESIGN §5's: one LAION batch (32 x 1 image x 32 tokens) and one MMC4 batch (8 x 5 images x 256 tokens),
 forward and backward per stream, the embedding-row rule, clipping at 1.0, AdamW. The baseline is the original
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SHAPES = {
     # name: (vision, text family / release, laion batch, mmc4 batch, images per document, tokens)
@@ -186,7 +188,7 @@ def measure(args) -> dict:
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024)
     return {"step_s": statistics.median(times), "peak_bytes": peak,
-            "samples": shape["laion_batch"] + shape["mmc4_batch"]}
+            "samples": shape["laion_batch"] + shape["mmc4_batch"], "step_times": times}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,6 +204,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs per system, interleaved")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every run (its step times included) as JSON here; rewritten after each run, "
+                             "so a stopped benchmark keeps its runs")
     parser.add_argument("--system", choices=["trainer", "original"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
@@ -213,16 +218,28 @@ def main() -> None:
         return
 
     results = {"original": [], "trainer": []}
+    settings = {k: getattr(args, k) for k in ("shape", "device", "bf16", "steps", "warmup", "repeats")}
+
+    def write_json(extra: dict) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"settings": settings, "runs": results, **extra}, indent=1))
+
     for _ in range(args.repeats):
         for system in ("original", "trainer"):
             command = [sys.executable, __file__, "--system", system, "--shape", args.shape, "--device", args.device,
                        "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results[system].append(json.loads(output.strip().splitlines()[-1]))
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:  # show why before failing: the child's output is captured
+                sys.stderr.write(done.stderr[-4000:])
+                done.check_returncode()
+            results[system].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            write_json({"partial": True})
     summary = {}
     for system, runs in results.items():
         step = statistics.median(r["step_s"] for r in runs)
         summary[system] = (step, runs[0]["samples"] / step, max(r["peak_bytes"] for r in runs) / 2**30)
+    write_json({"summary": {system: {"step_s": step, "samples_per_s": rate, "peak_gib": peak}
+                            for system, (step, rate, peak) in summary.items()}})
     print(f"\nshape {args.shape}, device {args.device}, bf16 {args.bf16}, {args.steps} timed steps x {args.repeats} runs")
     print(f"{'system':<22}{'s/step':>10}{'samples/s':>12}{'peak GiB':>10}")
     for system, (step, rate, peak) in summary.items():

@@ -6,7 +6,10 @@
 
 The original runs in `.venv-original` (open-flamingo 2.0.1 on transformers 4.36.2: its `generate` fails on
 transformers 5), in a long-lived worker process (`benchmarks/_original_worker.py`, JSON lines over a pipe); this
-package runs in this process. Nothing is downloaded.
+package runs in this process. Nothing is downloaded. Elsewhere (a GPU machine with its own torch, where
+`benchmarks/device_suite.sh` installs the original into a `pip --target` folder) `--original-python` names the
+worker's interpreter and `--original-path` its PYTHONPATH (or the environment variables OPENFLAMINGO_ORIGINAL_PYTHON
+and OPENFLAMINGO_ORIGINAL_PATH); the worker never inherits this process's PYTHONPATH, so the sides never mix.
 
 1. Same weights. The worker builds the original model with the original's own `create_model_and_transforms` from
    random backbones (an open_clip ViT config registered with `open_clip.add_model_config`, a language model folder
@@ -32,6 +35,8 @@ package runs in this process. Nothing is downloaded.
 
 Shapes: `small` (default): ViT 128 wide, 4 layers, 56 px; Llama 256 wide, 4 layers, vocabulary 4096; gated block
 before every layer; the original's fixed Perceiver and cross-attention sizes (6 layers, 8 heads of 64, 64 latents).
+`small_mpt`: the same with a 4-layer MPT (gated block every 2 layers) built from its config, the releases' MPT path
+at CPU size.
 `of3b`, `of4b`, `of9b`: CLIP ViT-L/14 and the release's language model with random weights (of3b with transformers'
 MPT at MPT-1B's sizes: the release's MosaicGPT is remote code that the original loads from the Hub). On our side the
 MPT shapes run this package's fast MPT, `MosaicGPTForCausalLM` (`MosaicGPTConfig.from_mpt_config`: SDPA, static cache,
@@ -79,6 +84,8 @@ from _original_worker import (  # the worker module sits beside this file
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGINAL_PYTHON = REPO / ".venv-original" / "bin" / "python"
+# Where the original runs instead of .venv-original (the device suite: that machine's python + a --target folder).
+ORIGINAL_PYTHON_ENV, ORIGINAL_PATH_ENV = "OPENFLAMINGO_ORIGINAL_PYTHON", "OPENFLAMINGO_ORIGINAL_PATH"
 WORKER = Path(__file__).resolve().parent / "_original_worker.py"
 SETUP_HINT = "bash scripts/setup_original_env.sh"
 
@@ -143,6 +150,22 @@ SHAPES: dict[str, Shape] = {
                          "tie_word_embeddings": False},
             base_vocab=4093,
             cross_attn_every_n_layers=1,
+        ),
+        Shape(
+            # The small shape on the releases' MPT path (transformers' MPT built from its config in the original, our
+            # MosaicGPTForCausalLM): what benchmarks/device_suite.sh's CPU dry run runs for its of3b and of9b parts.
+            name="small_mpt",
+            open_clip_config={"embed_dim": 64, "quick_gelu": True,
+                              "vision_cfg": {"image_size": 56, "layers": 4, "width": 128, "patch_size": 14,
+                                             "mlp_ratio": 2.0},
+                              "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 64, "heads": 1,
+                                           "layers": 1}},
+            text_model_type="mpt",
+            text_kwargs={**_mpt_kwargs(256, 4, 4), "max_seq_len": 1024},
+            base_vocab=4093,
+            cross_attn_every_n_layers=2,
+            save_lm_weights=False,
+            note="the small shape with an MPT language model built from its config, as of3b and of9b are",
         ),
         Shape(
             name="of3b",
@@ -282,7 +305,8 @@ class BenchError(RuntimeError):
 class OriginalWorker:
     """The original model in `.venv-original`, behind a JSON-lines pipe (see `_original_worker.py`)."""
 
-    def __init__(self, python: Path = ORIGINAL_PYTHON, log_path: Path | None = None):
+    def __init__(self, python: Path = ORIGINAL_PYTHON, log_path: Path | None = None, path: str | None = None):
+        """`python`: the worker's interpreter; `path`: its whole PYTHONPATH (None: none, as in `.venv-original`)."""
         if not python.exists():
             raise BenchError(f"{python.relative_to(REPO) if python.is_relative_to(REPO) else python} is missing: "
                              f"run `{SETUP_HINT}` first (it installs open-flamingo 2.0.1 on transformers 4.36.2).")
@@ -290,6 +314,8 @@ class OriginalWorker:
         self._log = open(self.log_path, "w")  # noqa: SIM115 (open for the worker's lifetime; closed in close())
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("PYTHONPATH", None)  # this package's path must not leak into the other environment
+        if path:  # the original's own folders (a --target install beside another interpreter's torch)
+            env["PYTHONPATH"] = path
         self.process = subprocess.Popen([str(python), str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self._log, text=True, cwd=REPO, env=env)
 
@@ -650,6 +676,8 @@ class Settings:
     compiled: bool
     workdir: Path
     threads: int | None = None
+    original_python: Path = ORIGINAL_PYTHON
+    original_path: str | None = None
 
 
 GREEDY_CHECK_CASES = ("greedy_b1", "greedy_b8")
@@ -826,14 +854,29 @@ def header_lines(header: dict, tokens_summary: str, shape: Shape) -> str:
     return "\n".join(lines)
 
 
-def run(settings: Settings, log) -> tuple[str, dict]:
-    """The whole benchmark; returns the printed report and its JSON form."""
+def run(settings: Settings, log, progress=None) -> tuple[str, dict]:
+    """
+    The whole benchmark; returns the printed report and its JSON form. `progress(text, data)`, when given, is called
+    after each finished case with the report and JSON so far (marked `"partial": true`), so that a run stopped later
+    (a time limit, a failing case) still leaves the rows it finished.
+    """
     import torch
 
     shape = settings.shape
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    worker = OriginalWorker(log_path=settings.workdir / "original_worker.log")
+    worker = OriginalWorker(python=settings.original_python, path=settings.original_path,
+                            log_path=settings.workdir / "original_worker.log")
+    checks: list[str] = []
+    cases: list[CaseResult] = []
+
+    def report_progress() -> None:
+        if progress is not None:
+            header = machine_header(settings, meta["versions"])
+            summary = "; ".join(checks)
+            text = header_lines(header, summary, shape) + "\n\n" + markdown_table(cases)
+            progress(text, {**results_json(cases, {**header, "greedy_check": summary}), "partial": True})
+
     try:
         log("building the original model (its own create_model_and_transforms, random weights)")
         meta = worker.request("build", shape=shape.to_worker(), workdir=str(settings.workdir), device=settings.device,
@@ -853,7 +896,6 @@ def run(settings: Settings, log) -> tuple[str, dict]:
 
         # The token check comes first. In fp32 the greedy cases run first and their first rep is the check; a check
         # case that is not timed (and, with --bf16, every check, done in fp32 before the cast) runs once on its own.
-        checks: list[str] = []
         for name in GREEDY_CHECK_CASES:
             if settings.bf16 or name not in settings.cases:
                 checks.append(check_tokens(worker, generators[OURS], GENERATION_CASES[name]))
@@ -861,7 +903,7 @@ def run(settings: Settings, log) -> tuple[str, dict]:
         if settings.bf16:
             model.to(torch.bfloat16)
             worker.request("cast", dtype="bfloat16")
-        cases: list[CaseResult] = []
+        report_progress()  # the token check's outcome, before any timing
         reference_tokens: dict = {}
         order = [n for n in GREEDY_CHECK_CASES if n in settings.cases]
         order += [n for n in settings.cases if n in GENERATION_CASES and n not in order]
@@ -873,6 +915,7 @@ def run(settings: Settings, log) -> tuple[str, dict]:
             verify = name in GREEDY_CHECK_CASES and not settings.bf16
             cases.append(run_generation_case(case, worker, case_generators, settings, reference_tokens, log,
                                              checks=checks if verify else None))
+            report_progress()
         if TRAIN_CASE in settings.cases:
             log("timing the training step")
             try:
@@ -927,6 +970,12 @@ def build_parser():
     parser.add_argument("--workdir", metavar="DIR", help="keep the state dict, inputs and worker log here "
                                                          "(default: a temporary folder, removed at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--original-python", metavar="PYTHON", default=os.environ.get(ORIGINAL_PYTHON_ENV),
+                        help=f"the interpreter that runs the original (default: ${ORIGINAL_PYTHON_ENV}, else "
+                             ".venv-original/bin/python)")
+    parser.add_argument("--original-path", metavar="DIRS", default=os.environ.get(ORIGINAL_PATH_ENV),
+                        help=f"the original's PYTHONPATH, e.g. a `pip install --target` folder beside that "
+                             f"interpreter's torch (default: ${ORIGINAL_PATH_ENV}, else none)")
     return parser
 
 
@@ -952,15 +1001,37 @@ def parse_settings(argv: list[str] | None, parser=None) -> tuple[Settings, Any]:
     settings = Settings(shape=SHAPES[args.shape], device=device, bf16=args.bf16, reps=args.reps, warmup=args.warmup,
                         train_reps=args.train_reps, train_warmup=args.train_warmup, cases=cases,
                         compiled=not args.no_compile, workdir=Path(args.workdir) if args.workdir else Path(),
-                        threads=threads)
+                        threads=threads,
+                        original_python=Path(args.original_python) if args.original_python else ORIGINAL_PYTHON,
+                        original_path=args.original_path or None)
     return settings, args
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Writes through a temporary file and a rename, so that a run killed mid-write leaves the previous version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    temporary.replace(path)
+
+
+def partial_writer(path: Path):
+    """The `progress` callback of `run` for `--json`: the rows so far, with their table, until the final write."""
+
+    def write(text: str, data: dict) -> None:
+        write_json(path, {**data, "table": text})
+
+    return write
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     settings, args = parse_settings(argv, parser)
-    if not ORIGINAL_PYTHON.exists():
-        parser.error(f".venv-original is missing: run `{SETUP_HINT}` first (open-flamingo 2.0.1 on transformers 4.36.2)")
+    if not settings.original_python.exists():
+        if settings.original_python == ORIGINAL_PYTHON:
+            parser.error(f".venv-original is missing: run `{SETUP_HINT}` first (open-flamingo 2.0.1 on transformers "
+                         "4.36.2)")
+        parser.error(f"--original-python {settings.original_python} does not exist")
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -972,12 +1043,12 @@ def main(argv: list[str] | None = None) -> int:
         settings.workdir = Path(args.workdir) if args.workdir else Path(temporary)
         settings.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            text, data = run(settings, log)
+            text, data = run(settings, log, progress=partial_writer(Path(args.json)) if args.json else None)
         except BenchError as error:
             parser.exit(1, f"bench_vs_original.py: error: {error}\n")
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=1))
+        write_json(Path(args.json), data)
     return 0
 
 
