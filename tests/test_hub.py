@@ -256,6 +256,7 @@ def test_remote_code_folder_contents(llama, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_openflamingo.OpenFlamingoConfig",
+        "AutoModel": "modeling_openflamingo.OpenFlamingoModel",
         "AutoModelForImageTextToText": "modeling_openflamingo.OpenFlamingoForConditionalGeneration",
     }
     assert config["custom_pipelines"] == {

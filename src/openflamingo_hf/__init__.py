@@ -1,11 +1,11 @@
 """OpenFlamingo as a native Hugging Face transformers model.
 
-Importing this package registers the OpenFlamingo classes with the transformers Auto classes
-(`AutoConfig`, `AutoModelForImageTextToText`, `AutoProcessor`) and the MPT-1B ("MosaicGPT") language model
-with `AutoConfig` / `AutoModelForCausalLM`.
+Importing this package registers the OpenFlamingo classes with the transformers Auto classes (`AutoConfig`,
+`AutoModel` (the headless `OpenFlamingoModel`), `AutoModelForImageTextToText`, `AutoProcessor`) and the MPT-1B
+("MosaicGPT") language model with `AutoConfig` / `AutoModelForCausalLM`.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.configuration_mosaic_gpt import MosaicGPTConfig
 from .modeling.configuration_openflamingo import OpenFlamingoConfig
@@ -14,6 +14,7 @@ from .modeling.modeling_openflamingo import (
     GatedCrossAttentionBlock,
     OpenFlamingoForConditionalGeneration,
     OpenFlamingoMediaCache,
+    OpenFlamingoModel,
     OpenFlamingoPerceiverResampler,
     OpenFlamingoPreTrainedModel,
     decode_compile_config,
@@ -23,6 +24,7 @@ from .processing.processing_openflamingo import OpenFlamingoProcessor
 from .hub import export_for_hub
 
 AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
+AutoModel.register(OpenFlamingoConfig, OpenFlamingoModel, exist_ok=True)
 AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(OpenFlamingoConfig, OpenFlamingoProcessor, exist_ok=True)
 
@@ -34,6 +36,7 @@ __all__ = [
     "OpenFlamingoConfig",
     "OpenFlamingoForConditionalGeneration",
     "OpenFlamingoMediaCache",
+    "OpenFlamingoModel",
     "OpenFlamingoPerceiverResampler",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",

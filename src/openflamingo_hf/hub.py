@@ -61,9 +61,11 @@ MODEL_AUTO_MAP = {
     # after a hash of those files, so the config and model modules may import two copies of configuration_mosaic_gpt;
     # modeling_openflamingo builds a mosaic_gpt language model directly, so that does not matter.)
     "AutoConfig": "configuration_openflamingo.OpenFlamingoConfig",
-    # Only the class the plain package registers too: OpenFlamingo is an image-text-to-text model. It is not mapped
-    # to AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(repo)` fails the same way for both variants
-    # instead of handing text-generation code a model that expects images.
+    # The classes the plain package registers too: the headless model (final hidden states, for harnesses that load
+    # with AutoModel) and the image-text-to-text model. It is not mapped to AutoModelForCausalLM, so
+    # `AutoModelForCausalLM.from_pretrained(repo)` fails the same way for both variants instead of handing
+    # text-generation code a model that expects images.
+    "AutoModel": "modeling_openflamingo.OpenFlamingoModel",
     "AutoModelForImageTextToText": "modeling_openflamingo.OpenFlamingoForConditionalGeneration",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_openflamingo.OpenFlamingoProcessor"}

@@ -79,7 +79,7 @@ class OpenFlamingoConfig(PreTrainedConfig):
     model_type = "openflamingo"
     # Outputs that `Trainer.evaluate` / `predict` must not gather as predictions (they are not per-token scores, and
     # the caches are not tensors): predictions are then the logits, as for any causal LM.
-    keys_to_ignore_at_inference = ["cache", "media_cache", "image_hidden_states"]
+    keys_to_ignore_at_inference = ["cache", "media_cache", "image_hidden_states", "image_outputs"]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
             config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L_14

@@ -17,6 +17,17 @@ it in a `ContextVar` for the duration of the language-model call. Outside such a
 `model.language_model` used on its own is the bare LM. transformers' `GradientCheckpointingLayer`
 checkpoints `forward`, not `__call__`, so the hooks run once, outside the recomputed region; the gated blocks are
 themselves `GradientCheckpointingLayer`s and get checkpointed on their own with explicit inputs.
+
+The headless model and the model with a head
+--------------------------------------------
+`OpenFlamingoModel` (`AutoModel`) returns the language model's final hidden states;
+`OpenFlamingoForConditionalGeneration` (`AutoModelForImageTextToText`) adds the output head, generation and the loss. The language model stays whole in
+both, its head inside it: the head model runs it as it is (so logits and loss are exactly the language model's own),
+the headless model runs its decoder (`language_model.base_model`). Both therefore have the same weight names, those of
+every OpenFlamingo checkpoint ever saved: `vision_model.`, `perceiver.`, `language_model.` (the standalone models'
+state dicts under the first and the third) and `gated_cross_attn_layers.`. The head model's `model` (named by
+`base_model_prefix`: transformers' `base_model`) is an `OpenFlamingoModel` over the head model's own modules, not
+registered as a child, so that nothing is saved, moved or counted twice.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
@@ -561,6 +573,32 @@ def decode_compile_config(device: str | torch.device) -> CompileConfig:
 
 
 @dataclass
+class OpenFlamingoModelOutputWithPast(ModelOutput):
+    """
+    Output of [`OpenFlamingoModel`]: the language model's final hidden states, conditioned on the images.
+
+    Args:
+        last_hidden_state: (batch, seq_len, hidden_size) output of the language model's decoder (last layer and final
+            norm): the input of its output head.
+        cache: the language model's KV cache.
+        hidden_states, attentions: as returned by the language model's decoder.
+        image_hidden_states: (batch, num_images, num_latents, vision_dim) Perceiver outputs, when images were encoded
+            in this call; pass them back as `image_features` to skip the vision tower.
+        image_outputs: the vision tower's output for the images encoded in this call (see `get_image_features` with
+            `return_dict=True`): `pooler_output` is `image_hidden_states`.
+        media_cache: the gated blocks' image keys/values, to pass back (with `media_index`) when decoding further.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    media_cache: OpenFlamingoMediaCache | None = None
+
+
+@dataclass
 class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
     """
     Args:
@@ -571,6 +609,8 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
         hidden_states, attentions: as returned by the language model.
         image_hidden_states: (batch, num_images, num_latents, vision_dim) Perceiver outputs, when images were
             encoded in this call; pass them back as `image_features` to skip the vision tower.
+        image_outputs: the vision tower's output for the images encoded in this call (see `get_image_features` with
+            `return_dict=True`): `pooler_output` is `image_hidden_states`.
         media_cache: the gated blocks' image keys/values, to pass back (with `media_index`) when decoding further.
     """
 
@@ -580,12 +620,24 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     media_cache: OpenFlamingoMediaCache | None = None
+
+
+@dataclass
+class _Conditioning:
+    """What `OpenFlamingoModel._condition` prepares for one language-model call."""
+
+    cross_attention: _CrossAttentionInputs
+    media_cache: OpenFlamingoMediaCache | None
+    image_hidden_states: torch.Tensor | None  # (batch, num_images, num_latents, vision_dim), when encoded in this call
+    image_outputs: BaseModelOutputWithPooling | None  # the vision tower's output, when pixel_values were encoded
 
 
 class OpenFlamingoPreTrainedModel(PreTrainedModel):
     config: OpenFlamingoConfig
     config_class = OpenFlamingoConfig
+    # `OpenFlamingoForConditionalGeneration.model` is its headless `OpenFlamingoModel` (transformers' `base_model`).
     base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
@@ -595,20 +647,39 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Everything OpenFlamingo adds traces into one graph; an instance whose language model does not is marked
+    # `False` in `__init__` (transformers' MPT, Bloom, Falcon: they do not hand keyword arguments to their layers).
+    _can_compile_fullgraph = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from this file's source (attention classes that do not dispatch through its
+        # `AttentionInterface`) that the implementation cannot be switched, and then leaves the top-level config on
+        # the old one while switching the backbones'. The Perceiver's and gated blocks' attention does not depend on
+        # the implementation (always SDPA, with their own masks); the backbones', which does, is switched by
+        # transformers on each backbone. So every level of the config takes the new implementation.
+        return True
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, strict: bool | None = None, **kwargs
+    ):
         """
         `PreTrainedModel.from_pretrained`, but strict: a checkpoint whose weights do not fit the config raises
         instead of loading with freshly initialised (or dropped) weights and a report line. The usual cause is an
         architecture override (e.g. another `cross_attn_every_n_layers`) that moves the trained gated blocks.
 
         Args:
-            strict: `False` restores transformers' behaviour (missing weights initialised anew, unexpected ones
-                dropped, both reported), e.g. to add frame embeddings to a trained model before training them.
+            strict: `True` raises on missing or unexpected weights; `False` restores transformers' behaviour (missing
+                weights initialised as their module's own class initialises them, unexpected ones dropped, both
+                reported), e.g. to add frame embeddings to a trained model before training them. Default: strict,
+                unless `output_loading_info=True` asks for the report, which is then returned for the caller to
+                judge (transformers' contract for that argument).
             *model_args, **kwargs: as for `PreTrainedModel.from_pretrained`.
         """
         wants_loading_info = kwargs.pop("output_loading_info", False)
+        if strict is None:
+            strict = not wants_loading_info
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -619,7 +690,30 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
             _check_loading_info(pretrained_model_name_or_path, loading_info)
         return (model, loading_info) if wants_loading_info else model
 
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        """
+        transformers' `initialize_weights` (each sub-model's modules by that sub-model's own `_init_weights`), except
+        that each sub-model is treated as custom code or not by its own class rather than by this one. transformers
+        skips every parameter-less module of a custom-code model (e.g. `CLIPAttention`, whose `_init_weights` sets
+        its projections' std), so a vision tower built here would get the generic std-0.02 init for weights a
+        checkpoint lacks (`strict=False`) instead of the one `CLIPVisionModel` gives them.
+        """
+
+        def apply(module: nn.Module, initialize, is_custom_code: bool) -> None:
+            for child in module.children():
+                if isinstance(child, PreTrainedModel):
+                    apply(child, child._initialize_weights, child.is_custom_code())
+                else:
+                    apply(child, initialize, is_custom_code)
+            initialize(module, is_custom_code)
+
+        apply(self, self._initialize_weights, self.is_custom_code())
+
     def _init_weights(self, module: nn.Module):
+        # Modules of the backbones never get here: `initialize_weights` hands every sub-model (the vision tower, the
+        # language model) to that model's own `_init_weights`.
         super()._init_weights(module)
         if isinstance(module, GatedCrossAttentionBlock):
             # Zero gates: an untrained model equals its language model exactly.
@@ -633,11 +727,17 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
                     init.normal_(embedding)
 
 
-class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
+class OpenFlamingoModel(OpenFlamingoPreTrainedModel):
     """
-    OpenFlamingo: `vision_model` (any `AutoModel` vision tower), `perceiver` (Perceiver resampler), `language_model`
-    (any `AutoModelForCausalLM`) and `gated_cross_attn_layers` (a `GatedCrossAttentionBlock` before every N-th
-    decoder layer, keyed by that layer's index).
+    The headless OpenFlamingo: `vision_model` (any `AutoModel` vision tower), `perceiver` (Perceiver resampler),
+    `language_model` (any `AutoModelForCausalLM`) and `gated_cross_attn_layers` (a `GatedCrossAttentionBlock` before
+    every N-th decoder layer, keyed by that layer's index). Its forward returns the language model's final hidden
+    states (`last_hidden_state`), the input of the output head, conditioned on the images.
+
+    The language model is kept whole, its output head included, although this forward does not apply the head: its
+    state dict stays exactly that of the standalone model, so base weights, PEFT target names and every saved
+    OpenFlamingo checkpoint load as they are, into this model (`AutoModel`) and into
+    `OpenFlamingoForConditionalGeneration` (`AutoModelForImageTextToText`) alike: both have the same weight names.
 
     Images come as `pixel_values` of shape (batch, num_images, num_frames, 3, H, W) (5-D is read as one frame); each
     `<image>` token in `input_ids` marks where the next image of its row goes. Rows with fewer `<image>` tokens than
@@ -657,8 +757,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 _check_backbone_config(key, getattr(config, key), backbone.config)
                 setattr(config, key, backbone.config)
         super().__init__(config)
-        # Stop at <|endofchunk|>, pad with the LM's pad token (see `openflamingo_generation_config`).
-        self.generation_config = openflamingo_generation_config(config, self.generation_config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         self.language_model = language_model if language_model is not None else _build_language_model(config)
@@ -676,11 +774,30 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             layer.register_forward_pre_hook(
                 functools.partial(_gated_cross_attention_pre_hook, str(index)), with_kwargs=True
             )
-        # What the LM's forward accepts, looked up once (not inside a traced forward).
+        # What the language model's forward and its decoder's accept, looked up once (not inside a traced forward).
         self._language_model_parameters = _forward_parameters(type(self.language_model))
+        self._decoder_parameters = _forward_parameters(type(self.language_model.base_model))
         # Compilable with fullgraph=True exactly when its language model is: the rest traces without graph breaks.
-        self._can_compile_fullgraph = getattr(self.language_model, "_can_compile_fullgraph", False)
+        if not getattr(self.language_model, "_can_compile_fullgraph", False):
+            self._can_compile_fullgraph = False
         self.post_init()
+
+    @classmethod
+    def _over_modules_of(cls, owner: "OpenFlamingoModel") -> "OpenFlamingoModel":
+        """
+        A headless model whose modules are `owner`'s own: the same dict of named children (not copies, not
+        registered a second time), so its weights, their names and every later change to `owner`'s modules (a PEFT
+        adapter, a wrapper put in place of a child) are `owner`'s. It has its own class, forward and hooks.
+        """
+        model = cls.__new__(cls)
+        OpenFlamingoPreTrainedModel.__init__(model, owner.config)
+        model._modules = owner._modules
+        for name in ("_language_model_parameters", "_decoder_parameters", "_can_compile_fullgraph"):
+            if name in owner.__dict__:
+                model.__dict__[name] = owner.__dict__[name]
+        model.post_init()  # gathers the children's tied keys and plans; their weights are initialised already
+        model.train(owner.training)
+        return model
 
     # ---------------------------------------------------------------- embeddings, delegated to the language model
     def get_input_embeddings(self) -> nn.Module:
@@ -690,6 +807,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module | None:
+        # The language model's output head is part of this model although its forward does not apply it, so that
+        # resizing the vocabulary resizes the head too: the weights stay those of the whole language model.
         return self.language_model.get_output_embeddings()
 
     def set_output_embeddings(self, new_embeddings: nn.Module):
@@ -697,73 +816,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def get_decoder(self):
         return self.language_model.get_decoder()
-
-    def adjust_generation_fn(self, generation_config, *args, **kwargs):
-        """`from_pretrained`'s loading of the generation config; a folder without `generation_config.json` gets one
-        derived from `config.json`, which is then given OpenFlamingo's stop and pad tokens."""
-        super().adjust_generation_fn(generation_config, *args, **kwargs)
-        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
-            self.generation_config = openflamingo_generation_config(self.config, self.generation_config)
-
-    # ---------------------------------------------------------------- construction from pretrained backbones
-    @classmethod
-    def from_backbones(
-        cls,
-        vision_model: str | PreTrainedModel,
-        language_model: str | PreTrainedModel,
-        cross_attn_every_n_layers: int = 1,
-        media_token_id: int | None = None,
-        eoc_token_id: int | None = None,
-        decoder_layers_attr_name: str | None = None,
-        processor=None,
-        vision_kwargs: dict | None = None,
-        language_kwargs: dict | None = None,
-        **config_kwargs,
-    ) -> "OpenFlamingoForConditionalGeneration":
-        """
-        Builds a fresh OpenFlamingo (new Perceiver, new gated blocks with zero gates) around pretrained backbones.
-
-        The backbones are used, not copied: they become `model.vision_model` / `model.language_model`, and their
-        config objects become `model.config.vision_config` / `text_config`, unchanged (attention implementation
-        included), so a zero-gate model computes exactly what the language model computed before. The only changes
-        made to them: with `processor`, the LM's embeddings are resized to the tokenizer and its config gets that
-        vocabulary size and the pad id; a composite vision checkpoint is not changed (its tower is extracted).
-        The generation config stops at `<|endofchunk|>` when its id is known.
-
-        Args:
-            vision_model: a vision model instance, or a name/path loaded with `AutoModel.from_pretrained`. A
-                composite checkpoint with a `vision_config` (e.g. a full CLIP) contributes its vision tower.
-            language_model: a causal LM instance, or a name/path loaded with `AutoModelForCausalLM.from_pretrained`.
-            cross_attn_every_n_layers: a gated block before every N-th decoder layer.
-            media_token_id, eoc_token_id: ids of `<image>` and `<|endofchunk|>` (see `OpenFlamingoProcessor`).
-            decoder_layers_attr_name: dotted path of the LM's decoder layers, when they cannot be found automatically.
-            processor: an `OpenFlamingoProcessor` whose tokenizer holds the special tokens. Its `<image>`,
-                `<|endofchunk|>` and pad ids go into the config, and the LM embeddings are resized to
-                `len(processor.tokenizer)` (what the original factory did after adding the tokens).
-            vision_kwargs, language_kwargs: extra `from_pretrained` arguments for names/paths.
-            **config_kwargs: other `OpenFlamingoConfig` fields (Perceiver and cross-attention sizes, ...).
-        """
-        if isinstance(vision_model, str):
-            vision_model = _load_vision_tower(vision_model, **(vision_kwargs or {}))
-        elif getattr(vision_model.config, "vision_config", None) is not None:
-            vision_model = _extract_vision_tower(vision_model)
-        if isinstance(language_model, str):
-            language_model = AutoModelForCausalLM.from_pretrained(language_model, **(language_kwargs or {}))
-        config = OpenFlamingoConfig(
-            vision_config=vision_model.config,
-            text_config=language_model.config,
-            cross_attn_every_n_layers=cross_attn_every_n_layers,
-            media_token_id=media_token_id,
-            eoc_token_id=eoc_token_id,
-            decoder_layers_attr_name=decoder_layers_attr_name,
-            **config_kwargs,
-        )
-        model = cls(config, vision_model=vision_model, language_model=language_model)
-        if processor is not None:
-            num_embeddings = processor.update_model_config(model.config, set_vocab_size=False)
-            model.resize_token_embeddings(num_embeddings)
-            model.generation_config = openflamingo_generation_config(model.config, model.generation_config)
-        return model.to(language_model.dtype)
 
     # ---------------------------------------------------------------- images
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -900,10 +952,18 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             (batch, num_images, num_frames, num_patches, vision_dim)
         """
         pixel_values = self._check_pixel_values(pixel_values)
-        return self._encode_frames(pixel_values, self._check_frame_mask(frame_mask, pixel_values))
+        return self._encode_frames(pixel_values, self._check_frame_mask(frame_mask, pixel_values))[0]
 
-    def _encode_frames(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
-        """`get_vision_features` on checked inputs: 6-D pixel values, a bool frame mask of their first axes."""
+    def _encode_frames(
+        self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None, **tower_kwargs
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """
+        `get_vision_features` on checked inputs (6-D pixel values, a bool frame mask of their first axes).
+
+        Returns:
+            features: (batch, num_images, num_frames, num_patches, vision_dim)
+            tower_outputs: the vision tower's own output for the frames it encoded (padding frames are not).
+        """
         flat = pixel_values.flatten(0, 2).to(self.vision_model.dtype)
         real = None
         if frame_mask is not None and not torch.compiler.is_compiling():
@@ -913,14 +973,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # A frozen tower keeps no activations for backward.
         vision_trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(vision_trainable):
-            features = self.vision_model(pixel_values=flat if real is None else flat[real]).last_hidden_state
+            tower_outputs = self.vision_model(
+                pixel_values=flat if real is None else flat[real], return_dict=True, **tower_kwargs
+            )
+        features = tower_outputs.last_hidden_state
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         if real is not None:
             features = features.new_zeros((flat.shape[0], *features.shape[1:])).index_put((real,), features)
-        return features.unflatten(0, pixel_values.shape[:3])
+        return features.unflatten(0, pixel_values.shape[:3]), tower_outputs
 
-    def get_image_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
         """
         Vision tower (`get_vision_features`) and Perceiver.
 
@@ -928,13 +999,29 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
             frame_mask: (batch, num_images, num_frames) bool, False for padding frames (the processor's
                 `frame_mask` for batches that mix videos of different lengths and images); default: all frames real.
+            return_dict: `True` returns transformers' `BaseModelOutputWithPooling`: the vision tower's own output
+                (`last_hidden_state`, and `hidden_states` / `attentions` when asked for, over the frames it encoded,
+                flattened to (batch * num_images * num_frames, ...) without padding frames) with `pooler_output` set
+                to the Perceiver's latents, the features the gated blocks read. Default: the latents alone.
+            output_hidden_states, output_attentions: passed to the vision tower.
         Returns:
-            (batch, num_images, num_latents, vision_dim)
+            (batch, num_images, num_latents, vision_dim), or a `BaseModelOutputWithPooling` whose `pooler_output` is
+            that tensor.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         frame_mask = self._check_frame_mask(frame_mask, pixel_values)
-        features = self._encode_frames(pixel_values, frame_mask)
-        return self.perceiver(features.to(self.perceiver.latents.dtype), frame_mask)
+        asked = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        tower_kwargs = {name: value for name, value in asked.items() if value is not None}
+        features, tower_outputs = self._encode_frames(pixel_values, frame_mask, **tower_kwargs, **kwargs)
+        latents = self.perceiver(features.to(self.perceiver.latents.dtype), frame_mask)
+        if not return_dict:
+            return latents
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower_outputs.last_hidden_state,
+            pooler_output=latents,
+            hidden_states=tower_outputs.get("hidden_states"),
+            attentions=tower_outputs.get("attentions"),
+        )
 
     def get_media_index(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """
@@ -953,6 +1040,21 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         return (input_ids == self.config.media_token_id).cumsum(dim=-1)
 
+    def _media_index_of_embeddings(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """
+        `get_media_index` for a sequence given as embeddings: an `<image>` token is an embedding equal to the
+        `<image>` row of the input embeddings (how transformers' vision-language models find their image
+        placeholders), so callers that work on embeddings (PEFT prompt tuning, ...) place images as with ids.
+
+        Args:
+            inputs_embeds: (batch, seq_len, dim) the whole sequence so far.
+        Returns:
+            (batch, seq_len)
+        """
+        media_token = torch.tensor(self.config.media_token_id, device=self.get_input_embeddings().weight.device)
+        media_embedding = self.get_input_embeddings()(media_token).to(inputs_embeds.device, inputs_embeds.dtype)
+        return (inputs_embeds == media_embedding).all(dim=-1).long().cumsum(dim=-1)
+
     def get_image_mask(
         self, input_ids: torch.LongTensor, num_images: int, image_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -963,48 +1065,62 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         are padding. With `image_mask`, each row's `<image>` count must equal its number of real images.
 
         Args:
-            input_ids: (batch, seq_len) the prompt.
+            input_ids: (batch, seq_len) the whole sequence so far.
             num_images: image slots per row.
             image_mask: (batch, num_images) bool, optional.
         Returns:
             (batch, num_images) bool
         """
         counts = (input_ids == self.config.media_token_id).sum(dim=-1)
+        return self._image_mask_for_counts(counts, num_images, image_mask)
+
+    def _image_mask_for_counts(
+        self, counts: torch.LongTensor, num_images: int, image_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """
+        `get_image_mask` from each row's number of `<image>` tokens in the whole sequence (`counts`, (batch,)).
+        The checks read tensor values (host syncs), so a compiled call skips them: the eager prompt call, or
+        `generate()`, checks the same inputs.
+        """
         if image_mask is not None:
-            image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
-            if image_mask.shape != (input_ids.shape[0], num_images):
+            image_mask = image_mask.to(device=counts.device, dtype=torch.bool)
+            if image_mask.shape != (counts.shape[0], num_images):
                 raise ValueError(
-                    f"image_mask must have shape (batch, num_images) = {(input_ids.shape[0], num_images)}; got "
+                    f"image_mask must have shape (batch, num_images) = {(counts.shape[0], num_images)}; got "
                     f"{tuple(image_mask.shape)}."
                 )
-            given = image_mask.sum(dim=-1)
-        else:
-            given = torch.full_like(counts, num_images)
+        if not torch.compiler.is_compiling():
+            self._check_image_counts(counts, num_images, image_mask)
+        if image_mask is None:
+            image_mask = torch.arange(num_images, device=counts.device)[None, :] < counts[:, None]
+        return image_mask
+
+    @staticmethod
+    def _check_image_counts(counts: torch.LongTensor, num_images: int, image_mask: torch.Tensor | None) -> None:
+        given = image_mask.sum(dim=-1) if image_mask is not None else torch.full_like(counts, num_images)
         bad = (counts > given).any() if image_mask is None else (counts != given).any()
         if image_mask is None:
             bad = bad | (counts.max() < num_images)  # some image slot that no row uses
         # One host sync for the common (valid) case; the messages are built only for a bad input.
-        if bool(bad):
-            for row in range(input_ids.shape[0]):
-                n_tokens, n_images = int(counts[row]), int(given[row])
-                if n_tokens > n_images:
-                    raise ValueError(
-                        f"Sample {row} has {n_tokens} <image> tokens but only {n_images} images were given. Give one "
-                        "image per <image> token (pad rows with fewer images), or remove the extra tokens."
-                    )
-                if n_tokens < n_images and image_mask is not None:
-                    raise ValueError(
-                        f"Sample {row} has {n_images} images but only {n_tokens} <image> tokens. Put one <image> "
-                        "token where each image belongs."
-                    )
-            raise ValueError(
-                f"{num_images} images were given per sample but no sample has more than {int(counts.max())} "
-                "<image> tokens, so some images would never be seen. Put one <image> token where each image "
-                "belongs (OpenFlamingoProcessor does this)."
-            )
-        if image_mask is None:
-            image_mask = torch.arange(num_images, device=input_ids.device)[None, :] < counts[:, None]
-        return image_mask
+        if not bool(bad):
+            return
+        for row in range(counts.shape[0]):
+            n_tokens, n_images = int(counts[row]), int(given[row])
+            if n_tokens > n_images:
+                raise ValueError(
+                    f"Sample {row} has {n_tokens} <image> tokens but only {n_images} images were given. Give one "
+                    "image per <image> token (pad rows with fewer images), or remove the extra tokens."
+                )
+            if n_tokens < n_images and image_mask is not None:
+                raise ValueError(
+                    f"Sample {row} has {n_images} images but only {n_tokens} <image> tokens. Put one <image> "
+                    "token where each image belongs."
+                )
+        raise ValueError(
+            f"{num_images} images were given per sample but no sample has more than {int(counts.max())} "
+            "<image> tokens, so some images would never be seen. Put one <image> token where each image "
+            "belongs (OpenFlamingoProcessor does this)."
+        )
 
     def build_media_cache(self, image_features: torch.Tensor, image_mask: torch.Tensor) -> OpenFlamingoMediaCache:
         """
@@ -1053,40 +1169,89 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         image_features: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         media_index: torch.LongTensor | None = None,
         media_cache: OpenFlamingoMediaCache | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         frame_mask: torch.Tensor | None = None,
-        loss_logits_only: bool = False,
         **kwargs,
-    ) -> OpenFlamingoCausalLMOutputWithPast:
+    ) -> OpenFlamingoModelOutputWithPast:
         r"""
+        The language model's decoder (its output head left out) with the gated blocks attending to the images.
+
         Args:
             input_ids: (batch, seq_len) token ids; `<image>` tokens mark where images go.
             pixel_values: (batch, num_images, num_frames, 3, H, W) or (batch, num_images, 3, H, W).
-            attention_mask: (batch, seq_len) 1 for real tokens, 0 for padding.
-            position_ids, cache, inputs_embeds, use_cache, logits_to_keep: as for the language model.
-            labels: (batch, seq_len) targets; the loss is the shifted cross-entropy, -100 ignored.
+            attention_mask: (batch, cached + seq_len) 1 for real tokens, 0 for padding.
+            position_ids, cache, use_cache: as for the language model (`past_key_values` is read as `cache`).
+            inputs_embeds: (batch, seq_len, dim) instead of `input_ids`; `<image>` tokens are the embeddings equal to
+                the `<image>` row of the input embeddings.
             image_features: (batch, num_images, num_latents, vision_dim), instead of `pixel_values`.
             image_mask: (batch, num_images) bool, which image slots are real; by default each row's first k slots,
                 k its number of `<image>` tokens.
-            media_index: (batch, seq_len) 1-based number of the image each token attends to; derived from
-                `input_ids` when omitted (then `input_ids` must be the whole sequence). Needed when continuing from
-                a `cache`.
+            media_index: (batch, seq_len) 1-based number of the image each token attends to, counted over the whole
+                sequence; derived from `input_ids` / `inputs_embeds` when omitted (then they must be the whole
+                sequence). Needed when continuing from a `cache` with images.
             media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
                 recomputing them from images.
             frame_mask: (batch, num_images, num_frames) bool with `pixel_values`: False for padding frames.
-            loss_logits_only: with `labels`, apply the LM head only at positions whose next token carries a label
-                (training: most positions of a batch are padding or masked, and the head is the widest matmul).
-                Same loss; `logits` then holds those positions only. `OpenFlamingoTrainer` sets it when training.
+        Returns:
+            `OpenFlamingoModelOutputWithPast` with `last_hidden_state` of shape (batch, seq_len, hidden_size).
         """
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = self.config.return_dict
+        cache = _cache_argument(cache, kwargs)
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "OpenFlamingoModel has no output head, so it computes no loss from labels. Use "
+                "OpenFlamingoForConditionalGeneration (AutoModelForImageTextToText) to train with labels."
+            )
+        kwargs.pop("labels", None)
+        conditioning = self._condition(
+            input_ids, inputs_embeds, attention_mask, None, pixel_values, image_features, image_mask, frame_mask,
+            media_index, media_cache, cache,
+        )
+        decoder = self.language_model.base_model
+        if decoder is self.language_model:
+            raise ValueError(
+                f"{type(self.language_model).__name__} has no separate decoder (its `base_model_prefix` names no "
+                "module), so its final hidden states cannot be had without its output head. Use "
+                "OpenFlamingoForConditionalGeneration and read `hidden_states` with output_hidden_states=True."
+            )
+        lm_kwargs = self._language_model_kwargs(
+            self._decoder_parameters, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs
+        )
+        outputs = self._run_language_model(decoder, self._decoder_parameters, lm_kwargs, conditioning.cross_attention)
+        output = OpenFlamingoModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.get("cache"),
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            image_hidden_states=conditioning.image_hidden_states,
+            image_outputs=conditioning.image_outputs,
+            media_cache=conditioning.media_cache,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---------------------------------------------------------------- phases of forward
+    def _condition(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        media_index: torch.LongTensor | None,
+        media_cache: OpenFlamingoMediaCache | None,
+        cache: Cache | None,
+    ) -> _Conditioning:
+        """Everything before the language-model call: input checks, the images' encoding and media cache, and what
+        the gated blocks of this call attend to."""
         has_images = pixel_values is not None or image_features is not None or media_cache is not None
         if not torch.compiler.is_compiling():
             # Validation reads the cache length and tensor values (host syncs), which would break a compiled graph.
@@ -1095,37 +1260,23 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 input_ids, inputs_embeds, attention_mask, labels, pixel_values, image_features, frame_mask,
                 media_index, cache, has_images,
             )
-        if media_index is None and input_ids is not None and self.config.media_token_id is not None:
-            media_index = self.get_media_index(input_ids)
+        if media_index is None and self.config.media_token_id is not None:
+            if input_ids is not None:
+                media_index = self.get_media_index(input_ids)
+            elif has_images:
+                media_index = self._media_index_of_embeddings(inputs_embeds)
 
-        image_hidden_states = None
+        image_outputs = image_hidden_states = None
         if media_cache is None and (pixel_values is not None or image_features is not None):
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values, frame_mask)
+                image_outputs = self.get_image_features(pixel_values, frame_mask, return_dict=True)
+                image_features = image_outputs.pooler_output
             image_hidden_states = image_features
-            media_cache = self._encode_media_cache(input_ids, inputs_embeds, image_features, image_mask)
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            media_cache = self._encode_media_cache(media_index, batch_size, image_features, image_mask)
         cross_attention = self._cross_attention_inputs(media_index, media_cache)
+        return _Conditioning(cross_attention, media_cache, image_hidden_states, image_outputs)
 
-        lm_kwargs = self._language_model_kwargs(
-            input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, labels, logits_to_keep, kwargs
-        )
-        head = self._separate_output_head() if loss_logits_only and labels is not None else None
-        if head is not None:
-            outputs = self._run_language_model_on_labels(lm_kwargs, cross_attention, head)
-        else:
-            outputs = self._run_language_model(lm_kwargs, cross_attention)
-        output = OpenFlamingoCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            cache=outputs.get("cache"),
-            hidden_states=outputs.get("hidden_states"),
-            attentions=outputs.get("attentions"),
-            image_hidden_states=image_hidden_states,
-            media_cache=media_cache,
-        )
-        return output if return_dict else output.to_tuple()
-
-    # ---------------------------------------------------------------- phases of forward
     def _check_forward_inputs(
         self,
         input_ids: torch.LongTensor | None,
@@ -1149,17 +1300,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if has_images and self.config.media_token_id is None:
             raise ValueError(_NO_MEDIA_TOKEN_ID)
         if media_index is not None:
+            _check_is_tensor("media_index", media_index)
+            expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            if tuple(media_index.shape) != expected:
+                raise ValueError(
+                    f"media_index must have shape (batch, seq_len) = {expected}, one image number per new token; got "
+                    f"{tuple(media_index.shape)} (model.get_media_index(full_input_ids)[:, -seq_len:])."
+                )
             return
-        if input_ids is None:
-            if has_images:
-                raise ValueError("With inputs_embeds instead of input_ids, pass media_index to place the images.")
-        elif past_length > 0 and has_images:
+        if past_length > 0 and has_images:
             raise ValueError(
                 "When decoding from a cache with images, pass media_index for the new tokens (the image number "
                 "each attends to: model.get_media_index(full_input_ids)[:, -num_new_tokens:]), or use generate()."
             )
-        elif (
-            not has_images
+        if (
+            input_ids is not None
+            and not has_images
             and past_length == 0
             and self.config.media_token_id is not None
             and bool((input_ids == self.config.media_token_id).any())
@@ -1171,17 +1327,18 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def _encode_media_cache(
         self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
+        media_index: torch.LongTensor,
+        batch_size: int,
         image_features: torch.Tensor,
         image_mask: torch.Tensor | None,
     ) -> OpenFlamingoMediaCache:
-        """The media cache of freshly given images: which slots are real, and every block's keys/values."""
-        self._check_image_features(image_features, (input_ids if input_ids is not None else inputs_embeds).shape[0])
-        if image_mask is None and input_ids is None:
-            raise ValueError("With inputs_embeds instead of input_ids, pass image_mask to say which images exist.")
-        if input_ids is not None:
-            image_mask = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
+        """
+        The media cache of freshly given images: which slots are real, and every block's keys/values. Each row's
+        number of `<image>` tokens is the media index of its last token, which counts the whole sequence, also when
+        only its new tokens are given (continuing from a cache: a second turn of a chat, assisted decoding).
+        """
+        self._check_image_features(image_features, batch_size)
+        image_mask = self._image_mask_for_counts(media_index[:, -1], image_features.shape[1], image_mask)
         return self.build_media_cache(image_features, image_mask.bool())
 
     def _cross_attention_inputs(
@@ -1252,23 +1409,26 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def _language_model_kwargs(
         self,
+        accepted: frozenset[str],
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         cache: Cache | None,
         use_cache: bool | None,
-        labels: torch.LongTensor | None,
-        logits_to_keep: int | torch.Tensor,
         kwargs: dict,
+        **optional,
     ) -> dict:
+        """
+        The keyword arguments of a call to the language model (`accepted`: the names its forward takes, `"*"` for
+        any). `optional` arguments (`labels`, `logits_to_keep`) are passed only where they are accepted.
+        """
         lm_kwargs = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
-            labels=labels,
             **kwargs,
         )
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -1276,18 +1436,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # generate() does too); the mask covers cached tokens as well, hence the slice.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_ids = position_ids[:, -(input_ids if input_ids is not None else inputs_embeds).shape[1] :]
-        accepted = self._language_model_parameters
-        for name, value in (("position_ids", position_ids), ("logits_to_keep", logits_to_keep)):
+        for name, value in (("position_ids", position_ids), *optional.items()):
             if value is not None and ("*" in accepted or name in accepted):
                 lm_kwargs[name] = value
         return lm_kwargs
 
-    def _run_language_model(self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs):
-        """The language-model call, with the gated blocks' inputs reaching the decoder-layer hooks."""
-        if "*" in self._language_model_parameters:
+    def _run_language_model(
+        self, module: nn.Module, accepted: frozenset[str], lm_kwargs: dict, cross_attention: _CrossAttentionInputs
+    ) -> ModelOutput:
+        """
+        A call to the language model (`module`: the causal LM, or its decoder), with the gated blocks' inputs
+        reaching the decoder-layer hooks.
+        """
+        if "*" in accepted:
             lm_kwargs[CROSS_ATTENTION_KWARG] = cross_attention
         if torch.compiler.is_compiling():
-            outputs = self.language_model(**lm_kwargs, return_dict=True)
+            outputs = module(**lm_kwargs, return_dict=True)
             if cross_attention.blocks_run == 0 and len(self.gated_cross_attn_layers) > 0:
                 raise RuntimeError(
                     f"{type(self.language_model).__name__} does not pass keyword arguments on to its decoder layers, "
@@ -1298,9 +1462,182 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             return outputs
         token = _CROSS_ATTENTION_INPUTS.set(cross_attention)
         try:
-            return self.language_model(**lm_kwargs, return_dict=True)
+            return module(**lm_kwargs, return_dict=True)
         finally:
             _CROSS_ATTENTION_INPUTS.reset(token)
+
+
+class OpenFlamingoForConditionalGeneration(OpenFlamingoModel, GenerationMixin):
+    """
+    OpenFlamingo with its language-modeling head: [`OpenFlamingoModel`] whose language model runs whole, output head
+    included, so logits and loss are exactly the language model's own (its soft-capping or scaling, if any,
+    included).
+
+    `model` is the headless [`OpenFlamingoModel`] over the same modules (transformers' `base_model`, named by
+    `base_model_prefix`): `model.model(...).last_hidden_state` fed to `model.get_output_embeddings()` gives these
+    logits. Both classes have the same weight names (the language model's head lives inside `language_model`), so
+    one checkpoint loads into either.
+    """
+
+    def __init__(
+        self,
+        config: OpenFlamingoConfig,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config, vision_model=vision_model, language_model=language_model)
+        # Stop at <|endofchunk|>, pad with the LM's pad token (see `openflamingo_generation_config`).
+        self.generation_config = openflamingo_generation_config(config, self.generation_config)
+        # Held outside `_modules`: its children are this model's own, which must be neither saved nor moved twice.
+        self.__dict__["model"] = OpenFlamingoModel._over_modules_of(self)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        headless = self.__dict__.get("model")
+        if headless is not None:
+            headless.training = mode  # its children are this model's, already switched
+        return self
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """`from_pretrained`'s loading of the generation config; a folder without `generation_config.json` gets one
+        derived from `config.json`, which is then given OpenFlamingo's stop and pad tokens."""
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = openflamingo_generation_config(self.config, self.generation_config)
+
+    # ---------------------------------------------------------------- construction from pretrained backbones
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model: str | PreTrainedModel,
+        language_model: str | PreTrainedModel,
+        cross_attn_every_n_layers: int = 1,
+        media_token_id: int | None = None,
+        eoc_token_id: int | None = None,
+        decoder_layers_attr_name: str | None = None,
+        processor=None,
+        vision_kwargs: dict | None = None,
+        language_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "OpenFlamingoForConditionalGeneration":
+        """
+        Builds a fresh OpenFlamingo (new Perceiver, new gated blocks with zero gates) around pretrained backbones.
+
+        The backbones are used, not copied: they become `model.vision_model` / `model.language_model`, and their
+        config objects become `model.config.vision_config` / `text_config`, unchanged (attention implementation
+        included), so a zero-gate model computes exactly what the language model computed before. The only changes
+        made to them: with `processor`, the LM's embeddings are resized to the tokenizer and its config gets that
+        vocabulary size and the pad id; a composite vision checkpoint is not changed (its tower is extracted).
+        The generation config stops at `<|endofchunk|>` when its id is known.
+
+        Args:
+            vision_model: a vision model instance, or a name/path loaded with `AutoModel.from_pretrained`. A
+                composite checkpoint with a `vision_config` (e.g. a full CLIP) contributes its vision tower.
+            language_model: a causal LM instance, or a name/path loaded with `AutoModelForCausalLM.from_pretrained`.
+            cross_attn_every_n_layers: a gated block before every N-th decoder layer.
+            media_token_id, eoc_token_id: ids of `<image>` and `<|endofchunk|>` (see `OpenFlamingoProcessor`).
+            decoder_layers_attr_name: dotted path of the LM's decoder layers, when they cannot be found automatically.
+            processor: an `OpenFlamingoProcessor` whose tokenizer holds the special tokens. Its `<image>`,
+                `<|endofchunk|>` and pad ids go into the config, and the LM embeddings are resized to
+                `len(processor.tokenizer)` (what the original factory did after adding the tokens).
+            vision_kwargs, language_kwargs: extra `from_pretrained` arguments for names/paths.
+            **config_kwargs: other `OpenFlamingoConfig` fields (Perceiver and cross-attention sizes, ...).
+        """
+        if isinstance(vision_model, str):
+            vision_model = _load_vision_tower(vision_model, **(vision_kwargs or {}))
+        elif getattr(vision_model.config, "vision_config", None) is not None:
+            vision_model = _extract_vision_tower(vision_model)
+        if isinstance(language_model, str):
+            language_model = AutoModelForCausalLM.from_pretrained(language_model, **(language_kwargs or {}))
+        config = OpenFlamingoConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            media_token_id=media_token_id,
+            eoc_token_id=eoc_token_id,
+            decoder_layers_attr_name=decoder_layers_attr_name,
+            **config_kwargs,
+        )
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        if processor is not None:
+            num_embeddings = processor.update_model_config(model.config, set_vocab_size=False)
+            model.resize_token_embeddings(num_embeddings)
+            model.generation_config = openflamingo_generation_config(model.config, model.generation_config)
+        return model.to(language_model.dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        media_index: torch.LongTensor | None = None,
+        media_cache: OpenFlamingoMediaCache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        frame_mask: torch.Tensor | None = None,
+        loss_logits_only: bool = False,
+        **kwargs,
+    ) -> OpenFlamingoCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: (batch, seq_len) token ids; `<image>` tokens mark where images go.
+            pixel_values: (batch, num_images, num_frames, 3, H, W) or (batch, num_images, 3, H, W).
+            attention_mask: (batch, cached + seq_len) 1 for real tokens, 0 for padding.
+            position_ids, cache, use_cache, logits_to_keep: as for the language model (`past_key_values` is read as
+                `cache`).
+            inputs_embeds: (batch, seq_len, dim) instead of `input_ids`; `<image>` tokens are the embeddings equal to
+                the `<image>` row of the input embeddings.
+            labels: (batch, seq_len) targets; the loss is the shifted cross-entropy, -100 ignored.
+            image_features: (batch, num_images, num_latents, vision_dim), instead of `pixel_values`.
+            image_mask: (batch, num_images) bool, which image slots are real; by default each row's first k slots,
+                k its number of `<image>` tokens.
+            media_index: (batch, seq_len) 1-based number of the image each token attends to, counted over the whole
+                sequence; derived from `input_ids` / `inputs_embeds` when omitted (then they must be the whole
+                sequence). Needed when continuing from a `cache` with images.
+            media_cache: image keys/values returned by an earlier call (`outputs.media_cache`), used instead of
+                recomputing them from images.
+            frame_mask: (batch, num_images, num_frames) bool with `pixel_values`: False for padding frames.
+            loss_logits_only: with `labels`, apply the LM head only at positions whose next token carries a label
+                (training: most positions of a batch are padding or masked, and the head is the widest matmul).
+                Same loss; `logits` then holds those positions only. `OpenFlamingoTrainer` sets it when training.
+        """
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        cache = _cache_argument(cache, kwargs)
+        conditioning = self._condition(
+            input_ids, inputs_embeds, attention_mask, labels, pixel_values, image_features, image_mask, frame_mask,
+            media_index, media_cache, cache,
+        )
+        lm_kwargs = self._language_model_kwargs(
+            self._language_model_parameters, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+            kwargs, labels=labels, logits_to_keep=logits_to_keep,
+        )
+        head = self._separate_output_head() if loss_logits_only and labels is not None else None
+        if head is not None:
+            outputs = self._run_language_model_on_labels(lm_kwargs, conditioning.cross_attention, head)
+        else:
+            outputs = self._run_language_model(
+                self.language_model, self._language_model_parameters, lm_kwargs, conditioning.cross_attention
+            )
+        output = OpenFlamingoCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.get("cache"),
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            image_hidden_states=conditioning.image_hidden_states,
+            image_outputs=conditioning.image_outputs,
+            media_cache=conditioning.media_cache,
+        )
+        return output if return_dict else output.to_tuple()
 
     def _separate_output_head(self) -> nn.Module | None:
         """The LM's output head, when it is a module of its own (not the input embedding called twice)."""
@@ -1309,7 +1646,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def _run_language_model_on_labels(
         self, lm_kwargs: dict, cross_attention: _CrossAttentionInputs, head: nn.Module
-    ):
+    ) -> ModelOutput:
         """
         The language-model call with its output head applied only at labelled positions, and the loss over them.
         A forward pre-hook on the head, there for this call only, selects the head's input rows; whatever the LM does
@@ -1333,7 +1670,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             lm_kwargs["logits_to_keep"] = 0  # the head's input must be every position, for the selection to index
         handle = head.register_forward_pre_hook(select_labeled)
         try:
-            outputs = self._run_language_model(lm_kwargs, cross_attention)
+            outputs = self._run_language_model(
+                self.language_model, self._language_model_parameters, lm_kwargs, cross_attention
+            )
         finally:
             handle.remove()
         outputs.loss = ForCausalLMLoss(
@@ -1357,12 +1696,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         **kwargs,
     ):
         """
-        `GenerationMixin.generate` (greedy, sampling, beam search, ...) with images (and videos: `frame_mask`
-        marks the padding frames of `pixel_values`, as in `forward`).
+        `GenerationMixin.generate` (greedy, sampling, beam search, assisted decoding, ...) with images (and videos:
+        `frame_mask` marks the padding frames of `pixel_values`, as in `forward`).
 
         Images are encoded once, before beams/`num_return_sequences` copy the batch, and each gated block's
         keys/values are computed once at prefill; every later step only reads them. Stops at `<|endofchunk|>` when
-        the generation config says so (`eos_token_id`).
+        the generation config says so (`eos_token_id`). Continuing from a filled `cache` (the next turn of a chat)
+        takes the whole sequence as `input_ids` and the images of the whole sequence, as for an uninterrupted call.
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
@@ -1401,10 +1741,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         # Which image each new token attends to follows from the whole sequence so far (prompt and generated tokens),
         # so nothing about earlier steps needs to be remembered.
-        if self.config.media_token_id is not None:
-            step_ids = model_inputs.get("input_ids")
-            step_len = step_ids.shape[1] if step_ids is not None else model_inputs["inputs_embeds"].shape[1]
-            model_inputs["media_index"] = self.get_media_index(input_ids)[:, -step_len:]
+        step_ids = model_inputs.get("input_ids")
+        step_len = step_ids.shape[1] if step_ids is not None else model_inputs["inputs_embeds"].shape[1]
+        # (A prompt given as inputs_embeds is not in input_ids: forward finds its <image> tokens in the embeddings.)
+        if self.config.media_token_id is not None and input_ids.shape[1] >= step_len:
+            # A fresh contiguous tensor: a slice of the growing sequence has a stride that grows at every step, which
+            # a compiled decode step (`dynamic=False`) would take for a new input and recompile.
+            media_index = self.get_media_index(input_ids)[:, -step_len:]
+            model_inputs["media_index"] = media_index.clone(memory_format=torch.contiguous_format)
         if media_cache is not None:
             model_inputs["media_cache"] = media_cache
         elif image_features is not None:
@@ -1419,6 +1763,23 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if getattr(outputs, "media_cache", None) is not None:
             model_kwargs["media_cache"] = outputs.media_cache
         return model_kwargs
+
+
+def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """
+    The KV cache of a forward call: `cache`, or `past_key_values` (its name before transformers 5, still accepted by
+    transformers' own models), which is taken out of `kwargs` so that it never reaches the language model beside
+    `cache` (which would then run without the cache it was given).
+    """
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is None:
+        return cache
+    if cache is not None and cache is not legacy:
+        raise ValueError(
+            "Both cache= and past_key_values= were given, with different caches. past_key_values is the old name of "
+            "cache: pass the KV cache once, as cache=."
+        )
+    return legacy
 
 
 _NO_MEDIA_TOKEN_ID = (
@@ -1551,6 +1912,7 @@ __all__ = [
     "GatedCrossAttentionBlock",
     "OpenFlamingoForConditionalGeneration",
     "OpenFlamingoMediaCache",
+    "OpenFlamingoModel",
     "OpenFlamingoPerceiverResampler",
     "OpenFlamingoPreTrainedModel",
     "decode_compile_config",
