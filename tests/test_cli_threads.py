@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from openflamingo_hf.cli import threads
+from openflamingo_hf import cpu_threads as threads
 
 
 @pytest.fixture(autouse=True)

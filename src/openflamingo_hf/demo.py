@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, pipeline
 
+from .cpu_threads import THREADS_HELP, set_cpu_threads
+
 
 @dataclass
 class DemoArguments:
@@ -34,6 +36,7 @@ class DemoArguments:
     num_beams: int = field(default=3, metadata={"help": "Beam search width (the evaluation protocol uses 3)."})
     max_new_tokens: int = field(default=20, metadata={"help": "Tokens to generate at most."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
 
 def _mark(ok: bool) -> str:
@@ -111,6 +114,7 @@ def run_model(args: DemoArguments) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    set_cpu_threads(args.threads)
     if args.model is None:
         run_embedded(args)
     else:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
 from ..eval.evaluate import BENCHMARKS
-from .threads import THREADS_HELP, set_cpu_threads
+from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo-eval"
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .parsing import OneLineArgumentParser, command_name
+from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo"
 
@@ -175,6 +176,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         help="Where to run: cpu, cuda or cuda:N. Default: cuda if available, else cpu.",
     )
+    inputs.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     generation = parser.add_argument_group("generation")
     generation.add_argument(
         "--max_new_tokens", "--max-new-tokens", type=int, default=20, metavar="N",
@@ -390,6 +392,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     _check_generation_arguments(args)
     device = _resolve_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}.")
+    set_cpu_threads(args.threads)
     default_model = args.model is None
     # The shipped default for videos is its video variant (frame embeddings, trained on the world's clips).
     shipped = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR

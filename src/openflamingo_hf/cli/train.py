@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from .parsing import UsageError, check_model_source
-from .threads import THREADS_HELP, set_cpu_threads
+from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 # Light at import: models, datasets and peft are imported when a run starts.
 

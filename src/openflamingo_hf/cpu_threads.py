@@ -1,4 +1,4 @@
-"""How many CPU threads torch uses in this package's commands.
+"""How many CPU threads torch uses in this package's commands (`openflamingo`, `-train`, `-eval`, the demo).
 
 torch's default is one intra-op thread per core. On a small machine that is also doing other work that is the worst
 choice for the small matrices of a tiny model: on 2 busy cores, captioning with the embedded model took 10-20x longer
