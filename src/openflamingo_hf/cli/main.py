@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .parsing import OneLineArgumentParser, command_name
+from .parsing import OneLineArgumentParser, UsageError, check_model_source, command_name
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo"
@@ -206,10 +206,6 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class UsageError(ValueError):
-    """The arguments do not describe a generation that can be done (one error line, exit status 2)."""
-
-
 def _check_generation_arguments(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}.")
@@ -272,35 +268,16 @@ def _sample_image_paths() -> list[str]:
 
 
 def _check_model_source(source: str, *, default: bool) -> None:
-    """
-    A local folder must exist and hold config.json; anything else must at least look like a Hub repo id, so that a
-    mistyped path fails here and not after a download attempt.
-    """
+    """The shipped model folder when `default` (it must hold config.json), else `--model` as any command checks it:
+    an existing model folder or a Hub repo id (`check_model_source`)."""
     from pathlib import Path
 
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            if default:
-                raise UsageError(
-                    f"the shipped model folder {source} has no config.json (the package was installed without it); "
-                    "pass --model."
-                )
-            raise UsageError(
-                f"--model {source} has no config.json, so it is not a transformers model folder. Give the output "
-                "folder of openflamingo convert (or of save_pretrained), or a Hub repo id."
-            )
-        return
-    if default:
-        raise UsageError(f"the shipped model folder {source} is missing; pass --model.")
-    if path.exists():
-        raise UsageError(f"--model {source} is a file; give a model folder or a Hub repo id (org/name).")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise UsageError(f"--model {source}: no such folder, and not a Hub repo id (org/name) either.") from None
+    if not default:
+        check_model_source("--model", source)
+    elif not (Path(source) / "config.json").is_file():
+        missing = "has no config.json" if Path(source).is_dir() else "is missing"
+        raise UsageError(f"the shipped model folder {source} {missing} (the package was installed without it); "
+                         "pass --model.")
 
 
 def _count_markers(processor: Any, prompt: str) -> int:
