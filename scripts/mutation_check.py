@@ -64,7 +64,7 @@ TESTS = {
 }
 
 # Where the collator's padding is checked (fine-tuning batches, mixed image / video batches).
-COLLATOR_TESTS = ("tests/test_finetune.py", "tests/test_video_training.py")
+COLLATOR_TESTS = ("tests/test_collator.py", "tests/test_finetune.py", "tests/test_video_training.py")
 
 
 @dataclass(frozen=True)
