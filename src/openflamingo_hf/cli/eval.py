@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
 from ..eval.evaluate import BENCHMARKS
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
+from .parsing import require_extra
 
 PROG = "openflamingo-eval"
 
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.results_file and os.path.isdir(args.results_file):
             raise ValueError(f"--results_file {args.results_file} is a folder; give a file name (results.json).")
+        # CIDEr, ROC-AUC and OK-VQA's stemming: checked before the data (or the embedded world) and the model.
+        require_extra("eval", ["pycocoevalcap", "sklearn", "nltk", "inflection"], PROG)
         set_cpu_threads(args.threads)
         run(args, datasets)  # checks the flags (selected_benchmarks) before it loads any file or the model
     except (ValueError, OSError, RuntimeError) as error:  # bad files or flags, missing Java / NLTK data

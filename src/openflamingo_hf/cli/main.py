@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .parsing import OneLineArgumentParser, UsageError, check_model_source, command_name
+from .parsing import OneLineArgumentParser, UsageError, check_model_source, command_name, require_extra
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo"
@@ -227,6 +227,8 @@ def _check_generation_arguments(args: argparse.Namespace) -> None:
                 raise UsageError(f"{option} {path} is a folder; give {kind} file.")
     if args.num_frames is not None and args.num_frames < 1:
         raise UsageError(f"--num_frames must be at least 1, got {args.num_frames}.")
+    if args.video:
+        require_extra("video", ["av"], "--video (video files are read with PyAV)")
 
 
 def _resolve_device(requested: str | None) -> str:

@@ -99,4 +99,18 @@ def check_model_source(option: str, source: str, *, needs_config: bool = True) -
         raise UsageError(f"{option} {source}: no such folder, and not a Hub repo id (org/name) either.") from None
 
 
-__all__ = ["OneLineArgumentParser", "OneLineErrorParser", "UsageError", "check_model_source", "command_name"]
+def require_extra(extra: str, modules: Sequence[str], needed_by: str) -> None:
+    """Raises `UsageError` naming the extra to install when one of `modules` is not importable, so that a command
+    stops before any model or data work, not in a traceback half-way through."""
+    from importlib.util import find_spec
+
+    missing = [module for module in modules if find_spec(module) is None]
+    if missing:
+        raise UsageError(
+            f"{needed_by} needs {', '.join(missing)} (not installed), from the '{extra}' extra: pip install "
+            f"'openflamingo-hf[{extra}]' (in a clone: pip install '.[{extra}]')."
+        )
+
+
+__all__ = ["OneLineArgumentParser", "OneLineErrorParser", "UsageError", "check_model_source", "command_name",
+           "require_extra"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .parsing import UsageError, check_model_source
+from .parsing import UsageError, check_model_source, require_extra
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 # Light at import: models, datasets and peft are imported when a run starts.
@@ -173,6 +173,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if not model_args.model_name_or_path and not (model_args.vision_model and model_args.language_model):
         raise UsageError("Starting from backbones needs both --vision_model and --language_model.")
     pretraining = bool(data_args.laion_shards or data_args.mmc4_shards)
+    modules = ["datasets", *(["webdataset"] if pretraining else []), *(["peft"] if model_args.lora else [])]
+    require_extra("train", modules, "openflamingo-train")
     if pretraining == bool(data_args.finetune_data):
         raise UsageError("Give --laion_shards and --mmc4_shards (pretraining) or --finetune_data (fine-tuning).")
     if pretraining and not (data_args.laion_shards and data_args.mmc4_shards):
