@@ -13,8 +13,8 @@ demo: setup
 # The comparisons with the original's own code (model, training steps, metrics, benchmark): tests/*vs_original.py.
 ORIGINAL_TESTS = $(wildcard tests/test_*vs_original.py)
 
-# The whole suite in two stages, each with its own time: everything else (~7 min on 2 cores), then the comparisons
-# with the original (~3-4 min; hence setup-original, which takes a few minutes the first time).
+# The whole suite in two stages, each with its own time: everything else (under 10 min on 2 cores), then the
+# comparisons with the original (~1.5-3 min; hence setup-original, which takes a few minutes the first time).
 test: setup setup-original
 	.venv/bin/python -m pytest -q tests --ignore-glob='*vs_original.py'
 	.venv/bin/python -m pytest -q $(ORIGINAL_TESTS)
