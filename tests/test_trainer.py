@@ -84,9 +84,10 @@ def test_weight_decay_only_on_gated_cross_attention_weights(tmp_path):
         for param in group["params"]:
             name = names[id(param)]
             assert (group["weight_decay"] == 0.1) == is_decayed_parameter(name), name
+    # As the original's get_grouped_params: every name containing "gated_cross_attn", gates and norms included.
     assert is_decayed_parameter("gated_cross_attn_layers.1.attn.to_q.weight")
-    assert not is_decayed_parameter("gated_cross_attn_layers.1.attn_gate")
-    assert not is_decayed_parameter("gated_cross_attn_layers.1.ff.norm.weight")
+    assert is_decayed_parameter("gated_cross_attn_layers.1.attn_gate")
+    assert is_decayed_parameter("gated_cross_attn_layers.1.ff.norm.weight")
     assert not is_decayed_parameter("perceiver.layers.0.attn.to_q.weight")
 
 

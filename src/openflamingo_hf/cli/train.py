@@ -144,7 +144,8 @@ class OpenFlamingoTrainingArguments(TrainingArguments):
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (the recipe's 1e-4)."})
     weight_decay: float = field(
-        default=0.1, metadata={"help": "Weight decay, applied to gated cross-attention weights only."}
+        default=0.1, metadata={"help": "Weight decay, applied to the gated cross-attention blocks only (all their "
+                                      "parameters, as the original)."}
     )
     warmup_steps: float = field(default=5000, metadata={"help": "Linear warmup steps (the recipe's 5000)."})
     lr_scheduler_type: str = field(

@@ -15,7 +15,8 @@ handled here and nowhere else:
    (checkpoints and the final model are the trained model). Where that cannot be done exactly (an output projection
    tied to the embedding without a module of its own, a user-supplied optimizer), the dense gradient is computed and
    all other rows zeroed after every backward, as the original does; either way AdamW leaves them bit-identical.
-3. Weight decay applies to the gated cross-attention weights only (not their gates, norms or biases).
+3. Weight decay applies to every parameter of the gated cross-attention blocks (gates and norms included, as the
+   original's `get_grouped_params` decays every name containing `gated_cross_attn`) and to nothing else.
 4. A non-finite loss skips the optimisation step (its gradients are dropped on every process) and is counted.
 
 Everything else — optimiser, schedule, clipping, mixed precision, gradient accumulation and checkpointing, logging,
@@ -86,11 +87,10 @@ def freeze_for_recipe(
 
 
 def is_decayed_parameter(name: str) -> bool:
-    """The recipe's weight-decay rule: gated cross-attention weights, but not their gates, norms or biases."""
-    return (
-        "gated_cross_attn_layers" in name
-        and not any(part in name for part in ("attn_gate", "ff_gate", "norm", "bias"))
-    )
+    """The recipe's weight-decay rule, as open_flamingo 2.0.1's `train.py` (`get_grouped_params`): every parameter of
+    the gated cross-attention blocks, their tanh gates and LayerNorms included; nothing else (Perceiver, embedding
+    rows, LoRA or unfrozen backbones: 0)."""
+    return "gated_cross_attn_layers" in name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
