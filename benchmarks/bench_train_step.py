@@ -4,8 +4,9 @@
     python benchmarks/bench_train_step.py --shape of3b --bf16   # OF-3B (ViT-L/14 + MPT-1B, xattn every layer), GPU
     python benchmarks/bench_train_step.py --json runs.json      # also every run's step times as JSON
 
-The step is the pretraining recipe's (open_flamingo 2.0.1's `train_one_epoch`): one LAION batch (32 x 1 image x 32 tokens) and one MMC4 batch (8 x 5 images x 256 tokens),
-forward and backward per stream, the embedding-row rule, clipping at 1.0, AdamW. The baseline is the original
+The step is the pretraining recipe's (open_flamingo 2.0.1's `train_one_epoch`): one LAION batch (32 x 1 image x 32
+tokens) and one MMC4 batch (8 x 5 images x 256 tokens), forward and backward per stream, the embedding-row rule,
+clipping at 1.0, AdamW. The baseline is the original
 `train_one_epoch` step written out on the same model (same weights, same batches): what a user of the original ran.
 Both run in fresh subprocesses, interleaved (A B A B ...), so that peak memory is each one's own; the table reports
 medians. Random weights, no download.
