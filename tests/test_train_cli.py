@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf.cli.train import main
 from openflamingo_hf.testing_utils import save_tiny_backbones
-from openflamingo_hf.trainer.data import encode_image_base64, write_interleaved_shard, write_pair_shard
+from openflamingo_hf.trainer.shard_writing import encode_image_base64, write_interleaved_shard, write_pair_shard
 
 # A task that only the image can solve: the caption names the colour of a noisy square.
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -244,3 +244,4 @@ def test_the_last_line_says_where_the_model_went(finetune_base, tmp_path, capsys
           "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--save_strategy", "no"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"openflamingo-train: wrote the model and processor to {tmp_path / 'out'}."
+
