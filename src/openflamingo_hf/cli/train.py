@@ -394,10 +394,12 @@ def save_final(trainer, model_args: ModelArguments, output_dir: str) -> None:
     trainer.save_state()
     if model_args.lora:
         from ..trainer.lora import merge_lora
+        from ..trainer.trainer import clear_tokenizer_call_settings
 
         if trainer.is_world_process_zero():
             trainer.model.save_pretrained(os.path.join(output_dir, "adapter"))
             merge_lora(trainer.model).save_pretrained(output_dir)
+            clear_tokenizer_call_settings(trainer.processing_class)
             trainer.processing_class.save_pretrained(output_dir)
         return
     trainer.save_model(output_dir)
