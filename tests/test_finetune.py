@@ -1,4 +1,4 @@
-"""Fine-tuning data (JSONL -> samples with answer-only labels) and LoRA adapters (openflamingo_hf.trainer.finetune)."""
+"""Fine-tuning data (JSONL -> samples with answer-only labels; `trainer.finetune`) and LoRA adapters (`trainer.lora`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from torch import nn
 
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
 from openflamingo_hf.trainer.collator import OpenFlamingoDataCollator
-from openflamingo_hf.trainer.finetune import (
-    IGNORE_INDEX,
+from openflamingo_hf.trainer.finetune import IGNORE_INDEX, build_finetune_dataset, load_finetune_examples
+from openflamingo_hf.trainer.lora import (
     apply_lora,
-    build_finetune_dataset,
-    load_finetune_examples,
     load_lora,
     lora_config_for,
     lora_module_names,

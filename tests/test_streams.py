@@ -18,15 +18,10 @@ from transformers import TrainingArguments
 
 from openflamingo_hf.cli.train import main
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, save_tiny_backbones
-from openflamingo_hf.trainer import data
+from openflamingo_hf.trainer import shard_reading
 from openflamingo_hf.trainer.collator import SKIPPED_KEY, OpenFlamingoDataCollator
-from openflamingo_hf.trainer.data import (
-    build_interleaved_dataset,
-    build_pair_dataset,
-    encode_image_base64,
-    write_interleaved_shard,
-    write_pair_shard,
-)
+from openflamingo_hf.trainer.data import build_interleaved_dataset, build_pair_dataset
+from openflamingo_hf.trainer.shard_writing import encode_image_base64, write_interleaved_shard, write_pair_shard
 from openflamingo_hf.trainer.trainer import OpenFlamingoTrainer, freeze_for_recipe
 
 NUM_SHARDS = 6
@@ -153,7 +148,7 @@ def test_skip_counts_of_a_late_shard_leave_with_the_next_sample_despite_the_buff
     # The default buffer (5,000 samples) holds every sample: the first one to leave carries every shard's skips.
     dataset = build_pair_dataset([*pair_shards, str(bad)], processor)
     first = next(iter(dataset))
-    assert first[SKIPPED_KEY] == {data.UNDECODABLE_IMAGE: 3}
+    assert first[SKIPPED_KEY] == {shard_reading.UNDECODABLE_IMAGE: 3}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf.cli.train import main
 from openflamingo_hf.testing_utils import save_tiny_backbones
-from openflamingo_hf.trainer.data import encode_image_base64, write_interleaved_shard, write_pair_shard
+from openflamingo_hf.trainer.shard_writing import encode_image_base64, write_interleaved_shard, write_pair_shard
 
 # A task that only the image can solve: the caption names the colour of a noisy square.
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -244,3 +245,37 @@ def test_the_last_line_says_where_the_model_went(finetune_base, tmp_path, capsys
           "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--save_strategy", "no"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"openflamingo-train: wrote the model and processor to {tmp_path / 'out'}."
+
+
+@pytest.mark.parametrize("run", ["pretraining", "lora"])
+def test_saved_tokenizer_keeps_no_training_padding_or_truncation(run, workdir, finetune_base, tmp_path):
+    # Training tokenizes with padding / truncation to max_length, which transformers leaves on the tokenizer's
+    # backend; the saved folders (checkpoints too) must not carry them into later use.
+    output_dir = tmp_path / "run"
+    if run == "pretraining":
+        main(common_args(workdir, output_dir, 2) + [
+            "--laion_shards", str(workdir / "pairs-0.tar"), "--mmc4_shards", str(workdir / "docs-0.tar"),
+            "--save_strategy", "steps", "--save_steps", "2",
+        ])
+        folders = [output_dir, output_dir / "checkpoint-2"]
+    else:
+        (tmp_path / "data.jsonl").write_text(
+            json.dumps({"image": str(finetune_base / "red.png"), "caption": "a red square"}) + "\n")
+        main(["--model_name_or_path", str(finetune_base / "model"), "--finetune_data", str(tmp_path / "data.jsonl"),
+              "--lora", "--finetune_max_length", "24", "--output_dir", str(output_dir), "--use_cpu",
+              "--report_to", "none", "--max_steps", "1", "--per_device_train_batch_size", "1",
+              "--disable_tqdm", "true", "--save_strategy", "no"])
+        folders = [output_dir]
+    for folder in folders:
+        saved = json.loads((folder / "tokenizer.json").read_text())
+        assert saved["padding"] is None and saved["truncation"] is None, (folder, saved["padding"], saved["truncation"])
+
+    processor = AutoProcessor.from_pretrained(output_dir)
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = processor(images=[[colour_image("red", rng)], [colour_image("blue", rng)]],
+                           text=["<image>", "<image>a long prompt of several more words"], padding=True,
+                           return_tensors="pt")
+    assert not [str(warning.message) for warning in caught if "max_length" in str(warning.message)]
+    assert inputs["input_ids"].shape[0] == 2

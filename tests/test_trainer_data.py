@@ -1,4 +1,4 @@
-"""Tests of the pretraining data pipeline (`openflamingo_hf.trainer.data`), on tiny data written in the tests."""
+"""Tests of the pretraining data pipeline (`openflamingo_hf.trainer.data`, `shard_reading`, `shard_writing`), on tiny data written in the tests."""
 
 from __future__ import annotations
 
@@ -18,17 +18,18 @@ from PIL import Image
 from transformers.testing_utils import CaptureLogger
 
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
-from openflamingo_hf.trainer import data
+from openflamingo_hf.trainer import data, shard_reading
 from openflamingo_hf.trainer.collator import SKIPPED_KEY, OpenFlamingoDataCollator
 from openflamingo_hf.trainer.data import (
-    SkipSample,
     build_interleaved_dataset,
     build_pair_dataset,
-    encode_image,
-    encode_image_base64,
-    expand_shards,
     preprocess_interleaved,
     preprocess_pair,
+)
+from openflamingo_hf.trainer.shard_reading import SkipSample, expand_shards
+from openflamingo_hf.trainer.shard_writing import (
+    encode_image,
+    encode_image_base64,
     write_interleaved_shard,
     write_pair_shard,
 )
@@ -164,7 +165,7 @@ def test_preprocess_pair_flip_follows_rng(processor):
 def test_preprocess_pair_undecodable_image(processor):
     with pytest.raises(SkipSample) as raised:
         preprocess_pair(b"not an image" * 100, "x", processor)
-    assert raised.value.reason == data.UNDECODABLE_IMAGE
+    assert raised.value.reason == shard_reading.UNDECODABLE_IMAGE
 
 
 def test_caption_protocol_tokens_are_removed(processor):
@@ -197,7 +198,7 @@ def test_similarity_threshold(processor):
     # Image 0 (best 0.23 < 0.24) is dropped; 0.24 itself is kept.
     assert text_of(sample, processor) == f"S0.{image}S1.{eoc}{image}S2.{eoc}{eos}"
     torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[1:]))
-    assert sample[SKIPPED_KEY] == {data.IMAGE_BELOW_THRESHOLD: 1}
+    assert sample[SKIPPED_KEY] == {shard_reading.IMAGE_BELOW_THRESHOLD: 1}
 
 
 def test_ten_kb_rule(processor):
@@ -211,7 +212,7 @@ def test_ten_kb_rule(processor):
     sample = preprocess_interleaved(document, processor, max_length=40, rng=FixedRng(NO_FLIP, NO_FLIP))
     assert text_of(sample, processor) == f"S0. S1.{image}S2.{eoc}{eos}"
     torch.testing.assert_close(sample["pixel_values"][:1], pixels(processor, [at_11000]))
-    assert sample[SKIPPED_KEY] == {data.IMAGE_TOO_SMALL: 2}
+    assert sample[SKIPPED_KEY] == {shard_reading.IMAGE_TOO_SMALL: 2}
 
 
 def test_missing_image_base64_keeps_rows_aligned(processor):
@@ -221,7 +222,7 @@ def test_missing_image_base64_keeps_rows_aligned(processor):
     document = mmc4(["S0.", "S1."], [None, kept], [[0.9, 0.1], [0.1, 0.8]])
     sample = preprocess_interleaved(document, processor, max_length=40, rng=FixedRng(NO_FLIP, NO_FLIP))
     assert text_of(sample, processor) == f"S0.{image}S1.{eoc}{eos}"
-    assert sample[SKIPPED_KEY] == {data.IMAGE_MISSING_BASE64: 1}
+    assert sample[SKIPPED_KEY] == {shard_reading.IMAGE_MISSING_BASE64: 1}
 
 
 def test_undecodable_image_is_dropped_and_counted(processor):
@@ -231,10 +232,10 @@ def test_undecodable_image_is_dropped_and_counted(processor):
                     [[0.9, 0.0, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 0.9]])
     sample = preprocess_interleaved(document, processor, max_length=40, rng=FixedRng(NO_FLIP))
     assert text_of(sample, processor) == f"S0.{image}S1.{eoc}{image}S2.{eoc}{eos}"
-    assert sample[SKIPPED_KEY] == {data.IMAGE_UNDECODABLE: 1}
+    assert sample[SKIPPED_KEY] == {shard_reading.IMAGE_UNDECODABLE: 1}
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(mmc4(["S0."], [garbage], [[0.9]]), processor)
-    assert raised.value.reason == data.NO_IMAGES and raised.value.counts == {data.IMAGE_UNDECODABLE: 1}
+    assert raised.value.reason == shard_reading.NO_IMAGES and raised.value.counts == {shard_reading.IMAGE_UNDECODABLE: 1}
 
 
 def test_images_are_ordered_by_sentence(processor):
@@ -297,7 +298,7 @@ def test_truncation_drops_images(processor):
     torch.testing.assert_close(sample["pixel_values"], pixels(processor, images[:2]))
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, min_num_images=3, max_length=cut, rng=FixedRng(NO_FLIP))
-    assert raised.value.reason == data.TOO_FEW_IMAGES
+    assert raised.value.reason == shard_reading.TOO_FEW_IMAGES
 
 
 def test_min_num_images(processor):
@@ -305,10 +306,10 @@ def test_min_num_images(processor):
     assert preprocess_interleaved(document, processor, min_num_images=2, rng=FixedRng(NO_FLIP)) is not None
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, min_num_images=3, rng=FixedRng(NO_FLIP))
-    assert raised.value.reason == data.TOO_FEW_IMAGES
+    assert raised.value.reason == shard_reading.TOO_FEW_IMAGES
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(mmc4(["S0."], [big_png(0)], [[0.1]]), processor)
-    assert raised.value.reason == data.NO_IMAGES and raised.value.counts == {data.IMAGE_BELOW_THRESHOLD: 1}
+    assert raised.value.reason == shard_reading.NO_IMAGES and raised.value.counts == {shard_reading.IMAGE_BELOW_THRESHOLD: 1}
 
 
 def test_single_image_rule_follows_the_seeded_rng(processor):
@@ -321,7 +322,7 @@ def test_single_image_rule_follows_the_seeded_rng(processor):
     torch.testing.assert_close(sample["pixel_values"][:1], pixels(processor, [big_png(0)], flip=flip))
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, rng=random.Random(drop_seed))
-    assert raised.value.reason == data.SINGLE_IMAGE_DROPPED
+    assert raised.value.reason == shard_reading.SINGLE_IMAGE_DROPPED
     # About half of the documents are kept.
     rng = np.random.default_rng(0)
     kept = 0
@@ -346,7 +347,7 @@ def test_single_image_at_the_end_is_rejected(processor):
     end = _first_index(processor, processor.interleaved_text(sentences, [1]), processor.image_token_id, 0) + 1
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, max_length=end, rng=FixedRng(NO_FLIP, NO_FLIP))
-    assert raised.value.reason == data.SINGLE_IMAGE_AT_END
+    assert raised.value.reason == shard_reading.SINGLE_IMAGE_AT_END
     sample = preprocess_interleaved(document, processor, max_length=end + 1, rng=FixedRng(NO_FLIP, NO_FLIP))
     assert sample["input_ids"][-2] == processor.image_token_id
 
@@ -363,12 +364,12 @@ def test_same_flip_for_all_images(processor):
 @pytest.mark.parametrize(
     "document, reason",
     [
-        ({"text_list": ["a"], "image_info": []}, data.MISSING_FIELDS),
-        ({"text_list": "a", "image_info": [], "similarity_matrix": []}, data.MALFORMED_FIELDS),
-        ({"text_list": ["a", "b"], "image_info": [{}], "similarity_matrix": [[0.5]]}, data.MALFORMED_FIELDS),
-        ({"text_list": ["a"], "image_info": [{}, {}], "similarity_matrix": [[0.5]]}, data.MALFORMED_FIELDS),
-        ({"text_list": ["a"], "image_info": [{}], "similarity_matrix": [["x"]]}, data.MALFORMED_FIELDS),
-        ({"is_gpt": True, "example": "a"}, data.MISSING_FIELDS),
+        ({"text_list": ["a"], "image_info": []}, shard_reading.MISSING_FIELDS),
+        ({"text_list": "a", "image_info": [], "similarity_matrix": []}, shard_reading.MALFORMED_FIELDS),
+        ({"text_list": ["a", "b"], "image_info": [{}], "similarity_matrix": [[0.5]]}, shard_reading.MALFORMED_FIELDS),
+        ({"text_list": ["a"], "image_info": [{}, {}], "similarity_matrix": [[0.5]]}, shard_reading.MALFORMED_FIELDS),
+        ({"text_list": ["a"], "image_info": [{}], "similarity_matrix": [["x"]]}, shard_reading.MALFORMED_FIELDS),
+        ({"is_gpt": True, "example": "a"}, shard_reading.MISSING_FIELDS),
     ],
 )
 def test_malformed_documents(processor, document, reason):
@@ -432,13 +433,13 @@ def test_gpt_document_hand_computed(processor):
     cut = _first_index(processor, full, processor.image_token_id, 1)
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(document, processor, min_num_images=2, max_length=cut, rng=FixedRng(NO_FLIP))
-    assert raised.value.reason == data.TOO_FEW_IMAGES
+    assert raised.value.reason == shard_reading.TOO_FEW_IMAGES
     one = preprocess_interleaved(document, processor, max_length=cut, rng=FixedRng(NO_FLIP))  # no 50% rule here
     torch.testing.assert_close(one["pixel_values"], pixels(processor, [images[2]]))
     # A marker without its image rejects the document.
     with pytest.raises(SkipSample) as raised:
         preprocess_interleaved(gpt_document("a _!_IMAGE4_!_ b", images), processor)
-    assert raised.value.reason == data.MISSING_FIELDS
+    assert raised.value.reason == shard_reading.MISSING_FIELDS
 
 
 def test_gpt_text_equals_the_original_on_random_examples(processor):
@@ -515,8 +516,8 @@ def test_pair_dataset_skips_and_counts_bad_data(processor, tmp_path):
     samples = list(build_pair_dataset(shards, processor, seed=0, shuffle=False))
     assert captions(samples, processor) == [
         "good 0", "good 1", "jpeg one", "fine", "truncated 0", "truncated 1", "header 0"]
-    assert summed_skips(samples) == {data.UNDECODABLE_IMAGE: 1, data.MISSING_FIELDS: 2, data.TRUNCATED_TAR: 1,
-                                     data.CORRUPT_TAR: 2}
+    assert summed_skips(samples) == {shard_reading.UNDECODABLE_IMAGE: 1, shard_reading.MISSING_FIELDS: 2, shard_reading.TRUNCATED_TAR: 1,
+                                     shard_reading.CORRUPT_TAR: 2}
     for sample in samples:
         assert sample["pixel_values"].shape == (1, 1, 3, 30, 30)
         assert set(sample) == {"input_ids", "attention_mask", "labels", "pixel_values", SKIPPED_KEY}
@@ -549,7 +550,7 @@ def test_pair_dataset_jsonl_and_folder(processor, tmp_path):
     (folder / "README.md").write_text("ignored")
     samples = list(build_pair_dataset([str(tmp_path / "pairs.jsonl"), str(folder)], processor, shuffle=False))
     assert captions(samples, processor) == ["from jsonl", "absolute path", "from folder"]
-    assert summed_skips(samples) == {data.BAD_JSON: 1, data.MISSING_FIELDS: 3, data.MISSING_IMAGE_FILE: 1}
+    assert summed_skips(samples) == {shard_reading.BAD_JSON: 1, shard_reading.MISSING_FIELDS: 3, shard_reading.MISSING_IMAGE_FILE: 1}
 
 
 def test_interleaved_dataset_skips_and_counts_bad_data(processor, tmp_path):
@@ -581,20 +582,20 @@ def test_interleaved_dataset_skips_and_counts_bad_data(processor, tmp_path):
         f"gpt{image}one{eoc}{image}two{eoc}{eos}",
         f"{image}third one.{eoc}{image}third two.{eoc}{eos}",
     ]
-    assert summed_skips(samples) == {data.BAD_JSON: 1, data.MISSING_FIELDS: 2, data.NO_IMAGES: 1,
-                                     data.IMAGE_UNDECODABLE: 1, data.TRUNCATED_TAR: 1}
+    assert summed_skips(samples) == {shard_reading.BAD_JSON: 1, shard_reading.MISSING_FIELDS: 2, shard_reading.NO_IMAGES: 1,
+                                     shard_reading.IMAGE_UNDECODABLE: 1, shard_reading.TRUNCATED_TAR: 1}
     assert all(sample["pixel_values"].shape == (2, 1, 3, 30, 30) for sample in samples)
 
 
 def test_warnings_are_rate_limited(processor, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_warned", Counter())
+    monkeypatch.setattr(shard_reading, "_warned", Counter())
     shard = tmp_path / "bad.tar"
     below_threshold = mmc4(["no."], [big_png(0)], [[0.1]])
     good = mmc4(["S0.", "S1."], [big_png(1), big_png(2)], [[0.9, 0.0], [0.0, 0.9]])
     write_interleaved_shard(shard, ["{bad"] * 5 + [below_threshold, good])
-    with CaptureLogger(data.logger) as captured:
+    with CaptureLogger(shard_reading.logger) as captured:
         samples = list(build_interleaved_dataset(str(shard), processor, max_length=32))
-    assert summed_skips(samples) == {data.BAD_JSON: 5, data.NO_IMAGES: 1, data.IMAGE_BELOW_THRESHOLD: 1}
+    assert summed_skips(samples) == {shard_reading.BAD_JSON: 5, shard_reading.NO_IMAGES: 1, shard_reading.IMAGE_BELOW_THRESHOLD: 1}
     assert captured.out.count("bad_json") == 3 and "further such warnings are not shown" in captured.out
     assert "no_images" not in captured.out and "below_threshold" not in captured.out  # recipe rejections
 
@@ -662,7 +663,7 @@ def test_skip_counts_reach_the_collator_through_workers(processor, tmp_path):
     for batch in loader:
         total.update(batch.get(SKIPPED_KEY, {}))
         count += batch["input_ids"].shape[0]
-    assert count == 6 and total == {data.UNDECODABLE_IMAGE: 4}
+    assert count == 6 and total == {shard_reading.UNDECODABLE_IMAGE: 4}
 
 
 def test_seeds_make_results_reproducible(processor, four_pair_shards):
@@ -687,4 +688,4 @@ def test_unexpected_preprocessing_errors_are_skipped(processor, tmp_path, monkey
     write_pair_shard(shard, pair_examples("ok", 1) + [{"image": make_image(5, (24, 24)), "caption": "boom"}])
     samples = list(build_pair_dataset(str(shard), processor, shuffle=False))
     assert captions(samples, processor) == ["ok 0"]
-    assert summed_skips(samples) == {data.PREPROCESS_ERROR: 1}
+    assert summed_skips(samples) == {shard_reading.PREPROCESS_ERROR: 1}

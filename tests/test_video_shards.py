@@ -14,15 +14,12 @@ import webdataset as wds
 from openflamingo_hf.embedded.world import Clip, make_clips, write_clip_file
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
 from openflamingo_hf.trainer.collator import SKIPPED_KEY, OpenFlamingoDataCollator
-from openflamingo_hf.trainer.data import (
-    VideoSetupError,
-    build_interleaved_dataset,
-    build_pair_dataset,
+from openflamingo_hf.trainer.data import build_interleaved_dataset, build_pair_dataset, preprocess_interleaved
+from openflamingo_hf.trainer.shard_reading import VideoSetupError, shard_rng
+from openflamingo_hf.trainer.shard_writing import (
     encode_image,
     encode_image_base64,
     encode_video_base64,
-    preprocess_interleaved,
-    shard_rng,
     write_interleaved_shard,
     write_pair_shard,
 )

@@ -29,8 +29,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 
-from transformers import TrainingArguments
-
+from ..trainer.training_args import OpenFlamingoTrainingArguments
 from .parsing import UsageError, check_model_source, require_extra
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
@@ -138,22 +137,6 @@ class DataArguments:
     )
 
 
-@dataclass
-class OpenFlamingoTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the recipe's defaults (AdamW 1e-4, decay 0.1 on xattn, 5000 warmup, constant)."""
-
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (the recipe's 1e-4)."})
-    weight_decay: float = field(
-        default=0.1, metadata={"help": "Weight decay, applied to the gated cross-attention blocks only (all their "
-                                      "parameters, as the original)."}
-    )
-    warmup_steps: float = field(default=5000, metadata={"help": "Linear warmup steps (the recipe's 5000)."})
-    lr_scheduler_type: str = field(
-        default="constant_with_warmup", metadata={"help": "Schedule after warmup (constant, linear, cosine, ...)."}
-    )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: samples carry skip counts."})
-
-
 def build_parser():
     from .parsing import OneLineErrorParser
 
@@ -204,7 +187,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if model_args.threads is not None and model_args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {model_args.threads}.")
     if model_args.lora:
-        from ..trainer.finetune import check_lora_targets
+        from ..trainer.lora import check_lora_targets
 
         try:
             check_lora_targets(lora_targets(model_args))
@@ -302,7 +285,7 @@ def lora_targets(model_args: ModelArguments) -> tuple[str, ...]:
 
 def prepare_trainable(model, model_args: ModelArguments):
     """Freezing per the recipe, or LoRA adapters (everything else frozen)."""
-    from ..trainer.finetune import apply_lora
+    from ..trainer.lora import apply_lora
     from ..trainer.trainer import freeze_for_recipe
 
     if model_args.lora:
@@ -410,11 +393,13 @@ def save_final(trainer, model_args: ModelArguments, output_dir: str) -> None:
     `output_dir/adapter`), its processor, and `trainer_state.json`."""
     trainer.save_state()
     if model_args.lora:
-        from ..trainer.finetune import merge_lora
+        from ..trainer.lora import merge_lora
+        from ..trainer.trainer import clear_tokenizer_call_settings
 
         if trainer.is_world_process_zero():
             trainer.model.save_pretrained(os.path.join(output_dir, "adapter"))
             merge_lora(trainer.model).save_pretrained(output_dir)
+            clear_tokenizer_call_settings(trainer.processing_class)
             trainer.processing_class.save_pretrained(output_dir)
         return
     trainer.save_model(output_dir)

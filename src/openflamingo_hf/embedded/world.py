@@ -151,7 +151,7 @@ def make_document(examples: list[Example], rng: np.random.Generator) -> dict:
     image introduces one chunk of one kind; tag documents keep one tag format throughout, so that the format can
     only be learned from the earlier chunks (in-context).
     """
-    from ..trainer.data import encode_image_base64
+    from ..trainer.shard_writing import encode_image_base64
 
     kind = ("caption", "vqa", "tag")[int(rng.integers(3))]
     format_name = list(FORMATS)[int(rng.integers(len(FORMATS)))]
@@ -191,7 +191,7 @@ def write_world_shards(folder, num_pairs: int, num_documents: int, seed: int = 0
     """
     import os
 
-    from ..trainer.data import write_interleaved_shard, write_pair_shard
+    from ..trainer.shard_writing import write_interleaved_shard, write_pair_shard
 
     # Pairs use `seed`, documents `seed + 1 ...`: all of them must stay below the held-out seeds.
     if seed < 0 or seed + 1 + num_documents > HELD_OUT_SEED_START:

@@ -282,6 +282,29 @@ def _shard_for_process(dataset, process_index: int, num_processes: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def clear_tokenizer_call_settings(processing_class: Any) -> None:
+    """
+    Drops the padding and truncation that the last tokenizer call left on a fast tokenizer's backend, so that a saved
+    `tokenizer.json` holds none. transformers sets them on the backend for each call (training pads and truncates to
+    `max_length`) and leaves them there; saved, they would load as the tokenizer's defaults and every later call
+    (`generate`'s prompts too) would warn about them. Each call sets its own again, so nothing else changes.
+
+    Args:
+        processing_class: a processor with a `tokenizer`, or a tokenizer; one without a `tokenizers` backend (a slow
+            tokenizer, an image processor) is left as it is.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -551,6 +574,12 @@ class OpenFlamingoTrainer(Trainer):
         keep[self.trainable_embedding_ids] = 1
         weight.grad.mul_(keep)
 
+    # ---------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every save (checkpoints, `save_model`) writes the processor: without the training's padding / truncation.
+        clear_tokenizer_call_settings(self.processing_class)
+        super()._save(output_dir, state_dict=state_dict)
+
     # ---------------------------------------------------------------- logging
     def _count_skipped(self, skipped: dict[str, int] | None) -> None:
         if skipped:
@@ -586,6 +615,7 @@ __all__ = [
     "OpenFlamingoTrainer",
     "StreamsLoader",
     "ZippedStreams",
+    "clear_tokenizer_call_settings",
     "embedding_rows_for",
     "freeze_for_recipe",
     "is_decayed_parameter",
