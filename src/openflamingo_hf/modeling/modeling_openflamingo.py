@@ -941,7 +941,7 @@ class OpenFlamingoModel(OpenFlamingoPreTrainedModel):
     def get_vision_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         The vision tower's patch features of every frame: last-layer patch tokens, without the final post-layernorm,
-        CLS dropped (DESIGN §1), the Perceiver's input.
+        CLS dropped (as the original OpenFlamingo feeds its Perceiver), the Perceiver's input.
 
         Args:
             pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
