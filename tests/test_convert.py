@@ -600,7 +600,7 @@ def test_cli_help_lists_every_release():
 # 4. Release configs
 # ----------------------------------------------------------------------------------------------------------------------
 
-# From DESIGN §1/§3 and the language models' public configs:
+# From the OpenFlamingo v2 releases' architecture and the language models' public configs:
 # (text model_type, layers, width, heads, MLP width, tied output, cross-attention interval). Both MPTs (MPT-1B's
 # MosaicGPT, with q/k LayerNorm, and MPT-7B, without) are built as this package's MosaicGPT.
 PUBLISHED = {

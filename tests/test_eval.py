@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from openflamingo_hf.cli.eval import main
-from openflamingo_hf.eval.evaluate import BENCHMARKS, build_prompt, results_table
+from openflamingo_hf.eval.evaluate import EVAL_TASKS, build_prompt, results_table
 from openflamingo_hf.eval.example import EvalExample
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor
 
@@ -39,13 +39,13 @@ QUERY = EvalExample("3", "q.png", captions=["A bird."], question="How many?", an
     ],
 )
 def test_prompts_equal_the_originals(processor, benchmark, expected):
-    images, prompt = build_prompt(processor, BENCHMARKS[benchmark], DEMOS, QUERY, num_shots=2)
+    images, prompt = build_prompt(processor, EVAL_TASKS[benchmark], DEMOS, QUERY, num_shots=2)
     assert prompt == expected
     assert images == ["a.png", "b.png", "q.png"]
 
 
 def test_zero_shot_uses_two_text_only_demonstrations(processor):
-    images, prompt = build_prompt(processor, BENCHMARKS["vqav2"], DEMOS, QUERY, num_shots=0)
+    images, prompt = build_prompt(processor, EVAL_TASKS["vqav2"], DEMOS, QUERY, num_shots=0)
     assert prompt == ("Question:What is it? Short answer:cat<|endofchunk|>Question:What color? Short answer:red"
                       "<|endofchunk|><image>Question:How many? Short answer:")
     assert images == ["q.png"]
@@ -78,7 +78,7 @@ def _world_args(tmp_path, *extra):
 def test_all_eight_benchmarks_on_the_embedded_world(tmp_path, capsys):
     main(_world_args(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == set(BENCHMARKS)
+    assert set(results) == set(EVAL_TASKS)
     for name, rows in results.items():
         assert [row["shots"] for row in rows] == [0, 4]
         for row in rows:

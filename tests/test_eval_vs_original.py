@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 
 from openflamingo_hf.eval import metrics
-from openflamingo_hf.eval.evaluate import BENCHMARKS, HATEFUL_MEMES_CLASSES, BenchmarkData, _record, score
+from openflamingo_hf.eval.evaluate import EVAL_TASKS, HATEFUL_MEMES_CLASSES, BenchmarkData, _record, score
 from openflamingo_hf.eval.example import EvalExample
 from openflamingo_hf.eval.metrics import compute_cider, compute_vqa_accuracy, okvqa_stem
 from openflamingo_hf.processing.processing_openflamingo import OpenFlamingoProcessor
@@ -676,7 +676,7 @@ def test_okvqa_stemming_with_real_nltk_equals_the_originals():
 def test_hateful_memes_roc_auc_equals_the_originals():
     reference, live = original("classification")
     reference = reference["hateful_memes"]
-    benchmark = BENCHMARKS["hateful_memes"]
+    benchmark = EVAL_TASKS["hateful_memes"]
     examples = [EvalExample(id=str(i), image=None, label="yes" if label else "no")
                 for i, (_, label) in enumerate(HATEFUL_MEMES)]
     records = [_record(benchmark, example, [_f32(s) for s in pair], HATEFUL_MEMES_CLASSES)
@@ -695,7 +695,7 @@ def test_imagenet_top1_equals_the_originals():
     reference, live = original("classification")
     reference = reference["imagenet"]
     scores, labels = _imagenet()
-    benchmark = BENCHMARKS["imagenet"]
+    benchmark = EVAL_TASKS["imagenet"]
     class_names = [f"class {i}" for i in range(1000)]  # the original's names, by index (distinct where used here)
     examples = [EvalExample(id=str(i), image=None, label=class_names[label]) for i, label in enumerate(labels)]
     records = [_record(benchmark, example, row, class_names) for example, row in zip(examples, scores)]

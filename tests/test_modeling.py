@@ -511,7 +511,9 @@ def test_from_backbones_keeps_backbone_weights(tmp_path):
             )
 
 
-def test_from_backbones_with_processor_sets_ids_and_resizes_embeddings():
+def test_from_backbones_with_processor_sets_ids_and_resizes_embeddings(caplog):
+    from transformers.utils import logging as hf_logging
+
     from openflamingo_hf import OpenFlamingoProcessor
     from openflamingo_hf.testing_utils import build_tiny_tokenizer
 
@@ -519,7 +521,15 @@ def test_from_backbones_with_processor_sets_ids_and_resizes_embeddings():
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_text_config("llama", vocab_size=320)).eval()
     vision = AutoModel.from_config(tiny_vision_config())
-    model = OpenFlamingoForConditionalGeneration.from_backbones(vision, lm, processor=processor)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            model = OpenFlamingoForConditionalGeneration.from_backbones(vision, lm, processor=processor)
+    finally:
+        hf_logging.disable_propagation()
+    # It resizes the embeddings itself, so it never tells the user to (the processor's reminder, for a model built
+    # without from_backbones, must not appear).
+    assert "resize_token_embeddings" not in caplog.text
     n = len(processor.tokenizer)
     assert n == 323
     assert model.config.media_token_id == processor.image_token_id and model.config.eoc_token_id == processor.eoc_token_id
@@ -593,6 +603,34 @@ def test_image_tokens_without_images_is_an_error():
         model(input_ids=torch.tensor([text("I", 4, 5)]))
     with pytest.raises(ValueError, match="no images were given"):
         model.generate(input_ids=torch.tensor([text("I", 4, 5)]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("pixels_and_features", "Pass either pixel_values or image_features, not both."),
+        ("frame_mask_without_pixels", "frame_mask describes the frames of pixel_values; pass it with pixel_values only."),
+        ("no_media_token_id", "media_token_id"),
+    ],
+)
+def test_forward_and_generate_refuse_the_same_media_inputs(case, message):
+    """One media-input check serves both entry points: the same inputs, the same error."""
+    model = build("llama")
+    ids = torch.tensor([text("I", 4, 5)])
+    features = model.get_image_features(pixels(1, 1))
+    inputs = {
+        "pixels_and_features": dict(pixel_values=pixels(1, 1), image_features=features),
+        "frame_mask_without_pixels": dict(image_features=features, frame_mask=torch.ones(1, 1, 1, dtype=torch.bool)),
+        "no_media_token_id": dict(pixel_values=pixels(1, 1)),
+    }[case]
+    if case == "no_media_token_id":
+        model.config.media_token_id = None
+    with pytest.raises(ValueError) as from_forward:
+        model(input_ids=ids, **inputs)
+    with pytest.raises(ValueError) as from_generate:
+        model.generate(input_ids=ids, max_new_tokens=2, **inputs)
+    assert message in str(from_forward.value)
+    assert str(from_forward.value) == str(from_generate.value)
 
 
 def test_batch_mismatch_and_explicit_image_mask_errors():

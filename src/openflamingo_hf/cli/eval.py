@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
-from ..eval.evaluate import BENCHMARKS
+from ..eval.evaluate import EVAL_TASKS
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 from .parsing import require_extra
 
@@ -64,7 +64,7 @@ def _dataset_arguments_class():
     """The per-benchmark flags as a dataclass (data: `PATH_FLAGS`): `--eval_<name>`, its paths, `--<name>_dataset`."""
     fields = []
     for name, flags in PATH_FLAGS.items():
-        title = BENCHMARKS[name].title
+        title = EVAL_TASKS[name].title
         fields.append((f"eval_{name}", bool, field(default=False, metadata={"help": f"Evaluate on {title}."})))
         fields.extend((flag.name, str | None, field(default=None, metadata={"help": flag.help})) for flag in flags)
         fields.append((f"{name}_dataset", str | None, field(default=None, metadata={
@@ -99,7 +99,7 @@ def selected_benchmarks(args: EvalArguments, datasets) -> list[str]:
 
 
 def _use_embedded_world(args: EvalArguments, datasets) -> None:
-    from ..embedded.benchmarks import write_world_benchmarks
+    from ..embedded.eval_world import write_world_benchmarks
 
     chosen = [name for name in PATH_FLAGS if getattr(datasets, f"eval_{name}")]
     for option, path in write_world_benchmarks(args.embedded_world).items():
@@ -132,7 +132,7 @@ def _load_model(args: EvalArguments):
 def run(args: EvalArguments, datasets) -> dict:
     """Evaluates every selected benchmark; writes and returns `{benchmark: results}` (see `evaluate_benchmark`)."""
     from ..eval.evaluate import EvalSettings, evaluate_benchmark, results_table
-    from ..eval.published import published_scores
+    from ..release_data import published_scores
 
     if args.embedded_world:
         _use_embedded_world(args, datasets)
@@ -155,7 +155,7 @@ def run(args: EvalArguments, datasets) -> dict:
                                 ok_vqa_stemming=args.ok_vqa_stemming)
         results[name] = evaluate_benchmark(model, processor, name, loaded[name], settings)
         for row in results[name]:
-            print(f"{BENCHMARKS[name].title} {row['shots']}-shot: {row['mean']:.2f} ± {row['std']:.2f}", flush=True)
+            print(f"{EVAL_TASKS[name].title} {row['shots']}-shot: {row['mean']:.2f} ± {row['std']:.2f}", flush=True)
     table = results_table(results, published)
     print(table)
     if args.results_file:

@@ -463,16 +463,10 @@ accuracy. Convert one into a transformers folder with:
 
 
 def release_rows() -> list[dict[str, Any]]:
-    """One dict per release, as `openflamingo releases --json` prints them."""
-    from dataclasses import asdict
+    """One dict per release, as `openflamingo releases --json` prints them (from the release data alone)."""
+    from ..release_data import release_rows as rows
 
-    from ..releases import RELEASES
-
-    return [
-        {**asdict(release), "coco_cider_4shot": release.coco_cider_4shot,
-         "vqav2_accuracy_4shot": release.vqav2_accuracy_4shot, "checkpoint_repo": release.checkpoint_repo}
-        for release in RELEASES.values()
-    ]
+    return rows()
 
 
 def format_release_table(rows: list[dict[str, Any]]) -> str:

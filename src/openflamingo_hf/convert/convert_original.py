@@ -465,7 +465,25 @@ def convert_original_state_dict(
     collector = _Collector(spec)
     collector.report.ignored.update(skipped)
 
-    # 1. Normalize names. Two raw keys may only collapse onto one name if they hold the same tensor.
+    normalized = _normalize_keys(state_dict, collector)
+    duplicates = _place_primary_keys(normalized, spec, config, collector)
+    _resolve_duplicates(duplicates, spec, collector)
+    if base_state_dict is not None:
+        _fill_from_base(base_state_dict, spec, collector)
+    _share_tied_weights(spec, collector)
+    _check_complete(spec, collector, has_base=base_state_dict is not None)
+    # Same order as the model's own state dict.
+    result = {k: collector.out[k] for k in spec.shapes}
+    return (result, collector.report) if return_report else result
+
+
+def _normalize_keys(
+    state_dict: Mapping[str, torch.Tensor], collector: _Collector
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """
+    Phase 1: `{normalized key: (raw key, tensor)}`. Two raw keys may only collapse onto one name if they hold the
+    same tensor (then the second is ignored); otherwise that is a problem.
+    """
     normalized: dict[str, tuple[str, torch.Tensor]] = {}
     for raw_key, tensor in state_dict.items():
         key = normalize_original_key(raw_key)
@@ -480,85 +498,124 @@ def convert_original_state_dict(
                 collector.report.ignored[raw_key] = f"same tensor as '{other_key}'"
             continue
         normalized[key] = (raw_key, tensor)
+    return normalized
 
-    # 2. Primary keys first; duplicates (old_decoder_blocks, gated_cross_attn_layers, tied copies) afterwards, so they
-    # can be compared with what they duplicate.
-    duplicates: list[tuple[str, str, torch.Tensor]] = []  # (target, raw source key, tensor)
-    layers_prefix = spec.layers_path + "."
+
+# A duplicate held back until the primary keys are placed: (target, raw source key, tensor).
+_Duplicate = tuple[str, str, torch.Tensor]
+
+
+def _place_primary_keys(
+    normalized: dict[str, tuple[str, torch.Tensor]], spec: _TargetSpec, config: OpenFlamingoConfig,
+    collector: _Collector,
+) -> list[_Duplicate]:
+    """
+    Phase 2: every primary key into the collector; the duplicates (old_decoder_blocks, gated_cross_attn_layers,
+    tied copies) are returned instead, so that phase 3 can compare them with what they duplicate.
+    """
+    duplicates: list[_Duplicate] = []
     for key, (raw_key, tensor) in normalized.items():
-        targets: list[str] | None
         if key.startswith(VISION_PREFIX):
-            if spec.vision_model_type != "clip_vision_model":
-                collector.problems.append(
-                    f"{raw_key}: open_clip vision weights can only be converted to a CLIP vision tower, but the "
-                    f"config's vision model is '{spec.vision_model_type}'. Use a CLIP vision_config."
-                )
-                continue
-            inner = key[len(VISION_PREFIX) :]
-            targets = _map_open_clip_in_proj(inner) or _map_open_clip(inner)
-            if targets is not None and len(targets) == 3:
-                if tensor.shape[0] % 3:
-                    collector.problems.append(f"{raw_key}: first dimension {tensor.shape[0]} is not q, k, v stacked.")
-                    continue
-                for target, part in zip(targets, tensor.chunk(3, dim=0)):
-                    collector.put(target, part, raw_key)
-                continue
+            targets = _vision_targets(key, raw_key, tensor, spec, collector)
         elif key.startswith("perceiver."):
             target = _map_perceiver(key)
             targets = None if target is None else [target]
         elif key.startswith(LM_PREFIX):
-            rest = key[len(LM_PREFIX) :]
-            targets = None
-            if rest.startswith(OLD_DECODER_BLOCKS + "."):
-                index, _, tail = rest[len(OLD_DECODER_BLOCKS) + 1 :].partition(".")
-                duplicates.append((_lm_target(f"{spec.layers_path}.{index}.{tail}", spec), raw_key, tensor))
-                continue
-            if rest.startswith(GATED_BLOCK_LIST + "."):
-                index, _, tail = rest[len(GATED_BLOCK_LIST) + 1 :].partition(".")
-                target = _map_gated(index, tail)
-                if target is not None:
-                    duplicates.append((target, raw_key, tensor))
-                    continue
-            elif rest.startswith(layers_prefix):
-                index, _, tail = rest[len(layers_prefix) :].partition(".")
-                part, _, inner = tail.partition(".")
-                if part == GATED_BLOCK:
-                    target = _map_gated(index, inner)
-                    targets = None if target is None else [target]
-                elif part == DECODER_LAYER:
-                    targets = [_lm_target(f"{spec.layers_path}.{index}.{inner}", spec)]
-                else:  # an unwrapped decoder layer (LM saved without the Flamingo wrapper)
-                    targets = [_lm_target(f"{spec.layers_path}.{index}.{tail}", spec)]
-            else:
-                targets = [_lm_target(rest, spec)]
-                copied = SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).get(targets[0][len("language_model.") :])
-                if copied is not None:  # a tied copy: checked equal to (or used as) the weight it copies
-                    duplicates.append(("language_model." + copied, raw_key, tensor))
-                    continue
-            if targets is not None and targets[0] in spec.tied:
-                duplicates.append((targets[0], raw_key, tensor))
-                continue
+            targets = _lm_targets(key, raw_key, tensor, spec, duplicates)
         else:
             targets = None
-
+        if targets == []:  # placed, held back as a duplicate, or already reported
+            continue
         if targets is None or targets[0] not in spec.shapes:
-            reason = _ignore_reason(key)
-            if reason is not None:
-                collector.report.ignored[raw_key] = reason
-            elif targets is None:
-                collector.problems.append(
-                    f"{raw_key}: not a key of the original OpenFlamingo layout." + _unknown_key_hint(key, spec)
-                )
-            else:
-                collector.problems.append(
-                    f"{raw_key}: would become '{targets[0]}', which the model does not have."
-                    + _unknown_key_hint(key, spec)
-                    + _gated_hint(targets[0], config)
-                )
+            _report_unplaced(key, raw_key, targets, spec, config, collector)
             continue
         collector.put(targets[0], tensor, raw_key)
+    return duplicates
 
-    # 3. Duplicates: equal to what they duplicate (then ignored), or the only copy (then used).
+
+def _vision_targets(
+    key: str, raw_key: str, tensor: torch.Tensor, spec: _TargetSpec, collector: _Collector
+) -> list[str] | None:
+    """An open_clip vision key's target (a list of one), None if it has none, or [] once placed or reported here (a
+    fused q/k/v projection is split into its three targets)."""
+    if spec.vision_model_type != "clip_vision_model":
+        collector.problems.append(
+            f"{raw_key}: open_clip vision weights can only be converted to a CLIP vision tower, but the "
+            f"config's vision model is '{spec.vision_model_type}'. Use a CLIP vision_config."
+        )
+        return []
+    inner = key[len(VISION_PREFIX) :]
+    targets = _map_open_clip_in_proj(inner) or _map_open_clip(inner)
+    if targets is not None and len(targets) == 3:
+        if tensor.shape[0] % 3:
+            collector.problems.append(f"{raw_key}: first dimension {tensor.shape[0]} is not q, k, v stacked.")
+            return []
+        for target, part in zip(targets, tensor.chunk(3, dim=0)):
+            collector.put(target, part, raw_key)
+        return []
+    return targets
+
+
+def _lm_targets(
+    key: str, raw_key: str, tensor: torch.Tensor, spec: _TargetSpec, duplicates: list[_Duplicate]
+) -> list[str] | None:
+    """A language-model key's target (a list of one), None if it has none, or [] once held back in `duplicates`."""
+    rest = key[len(LM_PREFIX) :]
+    layers_prefix = spec.layers_path + "."
+    targets = None
+    if rest.startswith(OLD_DECODER_BLOCKS + "."):
+        index, _, tail = rest[len(OLD_DECODER_BLOCKS) + 1 :].partition(".")
+        duplicates.append((_lm_target(f"{spec.layers_path}.{index}.{tail}", spec), raw_key, tensor))
+        return []
+    if rest.startswith(GATED_BLOCK_LIST + "."):
+        index, _, tail = rest[len(GATED_BLOCK_LIST) + 1 :].partition(".")
+        target = _map_gated(index, tail)
+        if target is not None:
+            duplicates.append((target, raw_key, tensor))
+            return []
+    elif rest.startswith(layers_prefix):
+        index, _, tail = rest[len(layers_prefix) :].partition(".")
+        part, _, inner = tail.partition(".")
+        if part == GATED_BLOCK:
+            target = _map_gated(index, inner)
+            targets = None if target is None else [target]
+        elif part == DECODER_LAYER:
+            targets = [_lm_target(f"{spec.layers_path}.{index}.{inner}", spec)]
+        else:  # an unwrapped decoder layer (LM saved without the Flamingo wrapper)
+            targets = [_lm_target(f"{spec.layers_path}.{index}.{tail}", spec)]
+    else:
+        targets = [_lm_target(rest, spec)]
+        copied = SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).get(targets[0][len("language_model.") :])
+        if copied is not None:  # a tied copy: checked equal to (or used as) the weight it copies
+            duplicates.append(("language_model." + copied, raw_key, tensor))
+            return []
+    if targets is not None and targets[0] in spec.tied:
+        duplicates.append((targets[0], raw_key, tensor))
+        return []
+    return targets
+
+
+def _report_unplaced(key: str, raw_key: str, targets: list[str] | None, spec: _TargetSpec,
+                     config: OpenFlamingoConfig, collector: _Collector) -> None:
+    """A key with no place in the model: ignored when it is a known non-weight, a problem otherwise."""
+    reason = _ignore_reason(key)
+    if reason is not None:
+        collector.report.ignored[raw_key] = reason
+    elif targets is None:
+        collector.problems.append(
+            f"{raw_key}: not a key of the original OpenFlamingo layout." + _unknown_key_hint(key, spec)
+        )
+    else:
+        collector.problems.append(
+            f"{raw_key}: would become '{targets[0]}', which the model does not have."
+            + _unknown_key_hint(key, spec)
+            + _gated_hint(targets[0], config)
+        )
+
+
+def _resolve_duplicates(duplicates: list[_Duplicate], spec: _TargetSpec, collector: _Collector) -> None:
+    """Phase 3: a duplicate equal to what it duplicates is ignored; the only copy is used; a different one is a
+    problem."""
     for target, raw_key, tensor in duplicates:
         reference_key = spec.tied.get(target, target)
         if reference_key in collector.out:
@@ -575,63 +632,73 @@ def convert_original_state_dict(
         else:
             collector.put(target, tensor, raw_key)
 
-    # 4. Base weights for what the checkpoint does not hold.
-    if base_state_dict is not None:
-        base_state_dict = _rename_base(base_state_dict, spec, collector)
-        tied_copies = {
-            "language_model." + k: "language_model." + v
-            for k, v in SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).items()
-        }
-        for key, (label, tensor) in base_state_dict.items():
-            if key in tied_copies and key not in spec.shapes:
-                reference_key = tied_copies[key]
-                reference = base_state_dict.get(reference_key)
-                if reference is None:
-                    if reference_key not in collector.out:
-                        collector.put(reference_key, tensor, label)  # the only copy of a tied pair
-                    else:
-                        collector.report.ignored[label] = f"tied copy of '{reference_key}'"
-                elif reference[1].shape != tensor.shape or not torch.equal(reference[1], tensor):
-                    collector.problems.append(
-                        f"{label}: a copy of '{reference[0]}' in a tied model, but it holds different values. The "
-                        "model ties its output projection to the input embedding: this base is not such a model."
-                    )
-                else:
-                    collector.report.ignored[label] = f"tied copy of {reference[0]}"
-                continue
-            if key in spec.tied:
-                reference = base_state_dict.get(spec.tied[key])
-                reference = None if reference is None else reference[1]
-                if reference is not None and (reference.shape != tensor.shape or not torch.equal(reference, tensor)):
-                    collector.problems.append(
-                        f"{label}: tied to '{spec.tied[key]}' in the model, but the base holds different values. The "
-                        "config ties these weights but the base model does not: fix tie_word_embeddings."
-                    )
-                else:
-                    collector.report.ignored[label] = f"tied to '{spec.tied[key]}'"
-            elif key in collector.out:
-                collector.report.ignored[label] = f"overridden by the checkpoint's {collector.report.sources[key]}"
-            elif key not in spec.shapes:
+
+def _fill_from_base(base_state_dict: Mapping[str, torch.Tensor], spec: _TargetSpec, collector: _Collector) -> None:
+    """Phase 4: base weights for what the checkpoint does not hold (what it holds wins)."""
+    base = _rename_base(base_state_dict, spec, collector)
+    tied_copies = {
+        "language_model." + k: "language_model." + v for k, v in SOURCE_TIED_LM_KEYS.get(spec.lm_model_type, {}).items()
+    }
+    for key, (label, tensor) in base.items():
+        if key in tied_copies and key not in spec.shapes:
+            _base_tied_copy(label, tensor, tied_copies[key], base, collector)
+        elif key in spec.tied:
+            reference = base.get(spec.tied[key])
+            reference = None if reference is None else reference[1]
+            if reference is not None and (reference.shape != tensor.shape or not torch.equal(reference, tensor)):
                 collector.problems.append(
-                    f"{label}: the model has no such weight. base_state_dict must use our layout (keys under "
-                    "'language_model.' / 'vision_model.' as built by base_state_dict_from_backbones) and match the config."
+                    f"{label}: tied to '{spec.tied[key]}' in the model, but the base holds different values. The "
+                    "config ties these weights but the base model does not: fix tie_word_embeddings."
                 )
             else:
-                collector.put(key, tensor, label)
+                collector.report.ignored[label] = f"tied to '{spec.tied[key]}'"
+        elif key in collector.out:
+            collector.report.ignored[label] = f"overridden by the checkpoint's {collector.report.sources[key]}"
+        elif key not in spec.shapes:
+            collector.problems.append(
+                f"{label}: the model has no such weight. base_state_dict must use our layout (keys under "
+                "'language_model.' / 'vision_model.' as built by base_state_dict_from_backbones) and match the config."
+            )
+        else:
+            collector.put(key, tensor, label)
 
-    # 5. Tied weights share their source's tensor.
+
+def _base_tied_copy(label: str, tensor: torch.Tensor, reference_key: str,
+                    base: dict[str, tuple[str, torch.Tensor]], collector: _Collector) -> None:
+    """A base weight that the source model keeps as a copy of `reference_key` (its tied output head), which our model
+    has no key for: used when it is the only copy, ignored when equal, a problem when different."""
+    reference = base.get(reference_key)
+    if reference is None:
+        if reference_key not in collector.out:
+            collector.put(reference_key, tensor, label)  # the only copy of a tied pair
+        else:
+            collector.report.ignored[label] = f"tied copy of '{reference_key}'"
+    elif reference[1].shape != tensor.shape or not torch.equal(reference[1], tensor):
+        collector.problems.append(
+            f"{label}: a copy of '{reference[0]}' in a tied model, but it holds different values. The "
+            "model ties its output projection to the input embedding: this base is not such a model."
+        )
+    else:
+        collector.report.ignored[label] = f"tied copy of {reference[0]}"
+
+
+def _share_tied_weights(spec: _TargetSpec, collector: _Collector) -> None:
+    """Phase 5: tied weights share their source's tensor."""
     for target, reference_key in spec.tied.items():
         if reference_key in collector.out and target not in collector.out:
             collector.out[target] = collector.out[reference_key]
             collector.report.sources[target] = ["tied:" + reference_key]
 
+
+def _check_complete(spec: _TargetSpec, collector: _Collector, has_base: bool) -> None:
+    """Every model weight has a source, and nothing went wrong; otherwise one `ConversionError` lists the problems."""
     missing = [k for k in spec.shapes if k not in collector.out]
     if missing:
         kinds = sorted({k.split(".")[0] for k in missing})
         hint = (
             " The checkpoint is trainable-only (the released checkpoint.pt holds only the Perceiver, gated blocks and "
             "embeddings): pass base_state_dict=base_state_dict_from_backbones(language_model, vision_model)."
-            if base_state_dict is None and set(kinds) <= {"language_model", "vision_model"}
+            if not has_base and set(kinds) <= {"language_model", "vision_model"}
             else " Give these weights in the checkpoint or in base_state_dict."
         )
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
@@ -647,9 +714,6 @@ def convert_original_state_dict(
             + "\n- ".join(shown)
             + (f"\n- ... and {more} more of the same kind." if more else "")
         )
-    # Same order as the model's own state dict.
-    result = {k: collector.out[k] for k in spec.shapes}
-    return (result, collector.report) if return_report else result
 
 
 def _rename_base(

@@ -1,1 +1,1 @@
-"""Few-shot evaluation of OpenFlamingo models: benchmarks, prompts, runner and metrics."""
+"""Few-shot evaluation of OpenFlamingo models: evaluation tasks, their data, prompts, runner and metrics."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .evaluate import BENCHMARKS, BenchmarkData
+from .evaluate import EVAL_TASKS, BenchmarkData
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ def missing_paths(name: str, values: dict) -> list[str]:
 
 def load_benchmark_data(name: str, values: dict) -> BenchmarkData:
     """Both splits of benchmark `name` from the flags' `values` (option name -> value)."""
-    from . import benchmarks as loaders
+    from . import loaders
 
-    task = BENCHMARKS[name].task
+    task = EVAL_TASKS[name].task
     if values.get(f"{name}_dataset"):
         kind = {"captioning": "captioning", "vqa": "vqa"}.get(task, "classification")
         source = values[f"{name}_dataset"]

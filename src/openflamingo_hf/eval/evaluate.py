@@ -1,5 +1,5 @@
 """
-The few-shot evaluation of the original OpenFlamingo (DESIGN §6), on any model `AutoModelForImageTextToText` loads.
+The few-shot evaluation of the original OpenFlamingo (`open_flamingo/eval/evaluate.py`), on any model `AutoModelForImageTextToText` loads.
 
 For each benchmark, shot count and trial seed: a demonstration pool (the train split, subsampled to
 `query_set_size`) and the evaluation examples (the test split, subsampled to `num_samples`) are drawn with the seed;
@@ -31,7 +31,7 @@ class Benchmark:
     ok_vqa: bool = False  # OK-VQA's answer stemming
 
 
-BENCHMARKS = {
+EVAL_TASKS = {
     b.name: b
     for b in (
         Benchmark("coco", "COCO", "captioning", "cider", 20),
@@ -140,7 +140,7 @@ def run_trial(model, processor, benchmark: Benchmark, data: BenchmarkData, num_s
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .benchmarks import query_set, subsample
+    from .loaders import query_set, subsample
     from .demonstrations import RandomDemonstrations
 
     pool = query_set(data.train, settings.query_set_size, seed)
@@ -218,7 +218,7 @@ def evaluate_benchmark(model, processor, benchmark: str | Benchmark, data: Bench
     Every shot count of `settings.shots`, with one trial per seed: a list of
     `{"shots", "mean", "std", "trials": [{"seed", "score", "predictions"}]}`.
     """
-    benchmark = BENCHMARKS[benchmark] if isinstance(benchmark, str) else benchmark
+    benchmark = EVAL_TASKS[benchmark] if isinstance(benchmark, str) else benchmark
     settings = settings or EvalSettings()
     _check_data(benchmark, data, settings)
     model.eval()
@@ -257,7 +257,7 @@ def results_table(results: dict[str, list[dict]], published: dict[tuple[str, int
     figure beside it where `published` has one (`{(benchmark, shots): score}`)."""
     lines = ["| benchmark | metric | shots | score (mean ± std) | trials | published |", "|---|---|---|---|---|---|"]
     for name, rows in results.items():
-        benchmark = BENCHMARKS[name]
+        benchmark = EVAL_TASKS[name]
         for row in rows:
             reference = (published or {}).get((name, row["shots"]))
             lines.append(
@@ -268,5 +268,5 @@ def results_table(results: dict[str, list[dict]], published: dict[tuple[str, int
     return "\n".join(lines)
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkData", "EvalSettings", "build_prompt", "evaluate_benchmark",
+__all__ = ["EVAL_TASKS", "Benchmark", "BenchmarkData", "EvalSettings", "build_prompt", "evaluate_benchmark",
            "results_table", "run_trial", "score"]

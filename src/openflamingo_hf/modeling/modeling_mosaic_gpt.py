@@ -398,6 +398,39 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding):
         self.wte = new_embeddings
 
+    def _attention_bias(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
+    ) -> torch.Tensor:
+        """The ALiBi bias with the causal and padding mask folded in: (batch_size or 1, n_heads, query_length,
+        key_length), key_length being `max_cache_len` for a `StaticCache`."""
+        # An int, or for a `StaticCache` a 0-d tensor on the device: the decode step then never reads it on the host.
+        past_length = cache.get_seq_length() if cache is not None else 0
+        query_length = inputs_embeds.shape[1]
+
+        # Boolean (sdpa) or additive (eager) mask of shape (batch_size, 1, query_length, key_length); a 4D mask (what
+        # `generate` prepares for a static cache) comes back as is. Never skipped: ALiBi needs a materialized mask to
+        # add its bias to.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            allow_is_causal_skip=False,
+        )
+        if mask is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Attention implementations without a mask format of their own: fold the 2D padding mask in ourselves.
+            key_positions = torch.arange(attention_mask.shape[-1], device=inputs_embeds.device)
+            query_positions = torch.arange(query_length, device=inputs_embeds.device) + past_length
+            causal = key_positions[None, :] <= query_positions[:, None]
+            mask = causal[None, None] & attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)[:, None, None]
+        slopes = build_alibi_slopes(
+            self.config.n_heads,
+            self.config.alibi_bias_max,
+            device=inputs_embeds.device,
+            interleave=self.config.alibi_interleave_slopes,
+        )
+        return build_alibi_attention_bias(slopes, query_length, past_length, mask, inputs_embeds.dtype)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -451,34 +484,8 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        # An int, or for a `StaticCache` a 0-d tensor on the device: the decode step then never reads it on the host.
-        past_length = cache.get_seq_length() if cache is not None else 0
-        query_length = inputs_embeds.shape[1]
-
-        # Boolean (sdpa) or additive (eager) mask of shape (batch_size, 1, query_length, key_length), key_length being
-        # `max_cache_len` for a `StaticCache`; a 4D mask (what `generate` prepares for a static cache) comes back as
-        # is. Never skipped: ALiBi needs a materialized mask to add its bias to.
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            allow_is_causal_skip=False,
-        )
-        if mask is None and attention_mask is not None and attention_mask.ndim == 2:
-            # Attention implementations without a mask format of their own: fold the 2D padding mask in ourselves.
-            key_positions = torch.arange(attention_mask.shape[-1], device=inputs_embeds.device)
-            query_positions = torch.arange(query_length, device=inputs_embeds.device) + past_length
-            causal = key_positions[None, :] <= query_positions[:, None]
-            mask = causal[None, None] & attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)[:, None, None]
-        slopes = build_alibi_slopes(
-            self.config.n_heads,
-            self.config.alibi_bias_max,
-            device=inputs_embeds.device,
-            interleave=self.config.alibi_interleave_slopes,
-        )
         # Built once, shared by every block: (batch_size or 1, n_heads, query_length, key_length).
-        attention_bias = build_alibi_attention_bias(slopes, query_length, past_length, mask, inputs_embeds.dtype)
+        attention_bias = self._attention_bias(inputs_embeds, attention_mask, cache)
 
         hidden_states = inputs_embeds
         if self.config.embedding_fraction != 1:

@@ -941,7 +941,7 @@ class OpenFlamingoModel(OpenFlamingoPreTrainedModel):
     def get_vision_features(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         The vision tower's patch features of every frame: last-layer patch tokens, without the final post-layernorm,
-        CLS dropped (DESIGN §1), the Perceiver's input.
+        CLS dropped (as the original OpenFlamingo feeds its Perceiver), the Perceiver's input.
 
         Args:
             pixel_values: (batch, num_images, num_frames, 3, H, W), or 5-D for one frame.
@@ -1291,14 +1291,10 @@ class OpenFlamingoModel(OpenFlamingoPreTrainedModel):
         has_images: bool,
     ) -> None:
         """Everything `forward` refuses, with a message that says what to pass instead."""
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass either pixel_values or image_features, not both.")
-        if frame_mask is not None and pixel_values is None:
-            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, past_length)
-        if has_images and self.config.media_token_id is None:
-            raise ValueError(_NO_MEDIA_TOKEN_ID)
+        self._check_media_inputs(input_ids, pixel_values, image_features, frame_mask, has_images,
+                                 tokens_need_images=media_index is None and past_length == 0)
         if media_index is not None:
             _check_is_tensor("media_index", media_index)
             expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
@@ -1313,12 +1309,35 @@ class OpenFlamingoModel(OpenFlamingoPreTrainedModel):
                 "When decoding from a cache with images, pass media_index for the new tokens (the image number "
                 "each attends to: model.get_media_index(full_input_ids)[:, -num_new_tokens:]), or use generate()."
             )
+
+    def _check_media_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        has_images: bool,
+        tokens_need_images: bool = True,
+    ) -> None:
+        """
+        How the images are given, as `forward` and `generate` both require: one of `pixel_values` and
+        `image_features`, `frame_mask` only with `pixel_values`, a known `<image>` id when there are images, and no
+        `<image>` token in `input_ids` without images. `tokens_need_images` is False where the `<image>` tokens'
+        images come from elsewhere (`forward` continuing from a cache, or given `media_index`).
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        if frame_mask is not None and pixel_values is None:
+            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
+        media_token_id = self.config.media_token_id
+        if has_images and media_token_id is None:
+            raise ValueError(_NO_MEDIA_TOKEN_ID)
         if (
-            input_ids is not None
+            tokens_need_images
             and not has_images
-            and past_length == 0
-            and self.config.media_token_id is not None
-            and bool((input_ids == self.config.media_token_id).any())
+            and input_ids is not None
+            and media_token_id is not None
+            and bool((input_ids == media_token_id).any())
         ):
             raise ValueError(
                 "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per <image> "
@@ -1560,7 +1579,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoModel, GenerationMixin):
         )
         model = cls(config, vision_model=vision_model, language_model=language_model)
         if processor is not None:
-            num_embeddings = processor.update_model_config(model.config, set_vocab_size=False)
+            # set_vocab_size=True: the resize is done right here, so the processor must not ask the user for it.
+            num_embeddings = processor.update_model_config(model.config, set_vocab_size=True)
             model.resize_token_embeddings(num_embeddings)
             model.generation_config = openflamingo_generation_config(model.config, model.generation_config)
         return model.to(language_model.dtype)
@@ -1706,28 +1726,19 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass either pixel_values or image_features, not both.")
-        if pixel_values is not None or image_features is not None:
-            if input_ids is None:
-                raise ValueError("generate() with images needs input_ids holding one <image> token per image.")
-            if self.config.media_token_id is None:
-                raise ValueError(_NO_MEDIA_TOKEN_ID)
+        has_images = pixel_values is not None or image_features is not None
+        if has_images and input_ids is None:
+            raise ValueError("generate() with images needs input_ids holding one <image> token per image.")
+        # generate() takes the whole sequence, also when continuing from a cache: its <image> tokens need images.
+        self._check_media_inputs(input_ids, pixel_values, image_features, frame_mask, has_images)
+        if has_images:
             self._check_text_inputs(input_ids, None, kwargs.get("attention_mask"), None, 0)
-        if frame_mask is not None and pixel_values is None:
-            raise ValueError("frame_mask describes the frames of pixel_values; pass it with pixel_values only.")
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values, frame_mask)
         if image_features is not None:
             self._check_image_features(image_features, input_ids.shape[0])
             kwargs["image_features"] = image_features
             kwargs["image_mask"] = self.get_image_mask(input_ids, image_features.shape[1], image_mask)
-        elif input_ids is not None and self.config.media_token_id is not None:
-            if bool((input_ids == self.config.media_token_id).any()):
-                raise ValueError(
-                    "input_ids contain <image> tokens but no images were given. Pass pixel_values (one image per "
-                    "<image> token) or remove the <image> tokens."
-                )
         return super().generate(input_ids, **kwargs)
 
     def prepare_inputs_for_generation(

@@ -1,5 +1,5 @@
 """
-Loaders for the eight OpenFlamingo few-shot benchmarks, each in its standard local format, as `EvalExample`s.
+Loaders for the eight OpenFlamingo few-shot evaluation datasets, each in its standard local format, as `EvalExample`s.
 
 COCO and Flickr30K (Karpathy splits), VQAv2, OK-VQA, TextVQA, VizWiz (VQA-format question and annotation files),
 Hateful Memes (JSONL) and ImageNet (class folders), plus the same data as a `datasets` folder or Hub repository.

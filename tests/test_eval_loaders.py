@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from openflamingo_hf.eval.benchmarks import (
+from openflamingo_hf.eval.loaders import (
     BenchmarkFormatError,
     load_coco_references,
     load_hateful_memes,

@@ -1,5 +1,5 @@
 """
-The embedded world written as the eight evaluation benchmarks, in each benchmark's own file format, so that
+The embedded world written as the eight evaluation datasets, in each dataset's own file format, so that
 `openflamingo-eval` runs end to end offline (and on a model that gives non-trivial scores):
 
     coco, flickr30            Karpathy JSON + image folders; captions are the world's captions

@@ -1,10 +1,10 @@
-"""Tests for the published OpenFlamingo v2 evaluation figures in `openflamingo_hf.eval.published`."""
+"""Tests for the published OpenFlamingo v2 evaluation figures in `openflamingo_hf.release_data`."""
 
 from __future__ import annotations
 
 import pytest
 
-from openflamingo_hf.eval.published import BENCHMARKS, PUBLISHED, SHOTS, SOURCES, published_scores
+from openflamingo_hf.release_data import PUBLISHED, PUBLISHED_TASKS, SHOTS, SOURCES, published_scores
 from openflamingo_hf.releases import RELEASES
 
 
@@ -15,7 +15,8 @@ def test_every_release_is_present():
         assert url.startswith("https://")
 
 
-# The headline figures of DESIGN §1 (written out here, independently of the table under test).
+# The 4-shot COCO CIDEr and VQAv2 accuracy of the report's Table 4 (written out here, independently of the table
+# under test).
 HEADLINE = {
     "OpenFlamingo-3B-vitl-mpt1b": (77.3, 45.8),
     "OpenFlamingo-3B-vitl-mpt1b-langinstruct": (82.7, 45.7),
@@ -37,8 +38,8 @@ def test_four_shot_coco_and_vqav2_are_the_headline_figures(name):
 def test_table_shape(name):
     table = PUBLISHED[name]
     assert table
-    for benchmark, row in table.items():
-        assert benchmark in BENCHMARKS
+    for task, row in table.items():
+        assert task in PUBLISHED_TASKS
         assert row
         for shots, (mean, std) in row.items():
             assert shots in {0, 4, 8, 16, 32}
