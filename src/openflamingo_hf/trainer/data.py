@@ -28,9 +28,10 @@ Formats (see `write_pair_shard` / `write_interleaved_shard`, which write them):
   `image_map`). An MMC4 `image_info` entry may hold a video instead: `video_base64` (a video file, base64) or
   `frames_base64` (a list of base64 frame images, in order); it takes its place in the text like an image.
 
-Videos are decoded with the processor: files through transformers' `load_video` (PyAV, `pip install av`; containers
-must record their frame count, as AVI and most MP4 do), frame lists and arrays as given; each is sampled uniformly to
-`num_frames` frames (the builders' argument, default `processor.num_frames`), shorter videos keep all their frames.
+Videos are decoded as the processor decodes them (`processing.media_inputs`): files through transformers'
+`load_video` (PyAV, `pip install av`; containers must record their frame count, as AVI and most MP4 do), frame lists
+and arrays as given; each is sampled uniformly to `num_frames` frames (the builders' argument, default
+`processor.num_frames`), shorter videos keep all their frames.
 
 Sampling, as the original recipe draws its data (open_flamingo 2.0.1 `train/data.py`), per epoch (`set_epoch`,
 which `OpenFlamingoTrainer` calls on both streams at the start of every epoch, resumed runs included):
@@ -351,7 +352,7 @@ def preprocess_interleaved(
     An `image_info` entry may be a video instead (`video_base64`: a video file; `frames_base64`: frame images): it
     is one media slot, under the same rules as an image (its `<image>` marker, the threshold, the 10 KB rule on the
     file or on every frame, dropping when it does not decode, `max_num_images` and `min_num_images` counting it),
-    its frames sampled uniformly to `num_frames` (default `processor.num_frames`) by the processor.
+    its frames sampled uniformly to `num_frames` (default `processor.num_frames`) as the processor samples them.
 
     ChatGPT documents (`is_gpt`): see `_preprocess_gpt_document`.
 

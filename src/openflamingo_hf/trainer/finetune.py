@@ -444,9 +444,8 @@ def build_finetune_dataset(
     Returns:
         `datasets.Dataset` with stored columns `example` (JSON text), `source` and `line`, and a transform that
         makes each item `{"input_ids", "attention_mask", "labels", "pixel_values"}` (tensors; `pixel_values` is
-        `None` for an example without images). Batch it with
-        `OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)`; with `transformers.Trainer`
-        use `remove_unused_columns=False`.
+        `None` for an example without images). Batch it with `OpenFlamingoDataCollator` (its `pad_token_id`: the
+        pad id of the processor's tokenizer); with `transformers.Trainer` use `remove_unused_columns=False`.
     """
     import datasets
 
