@@ -36,7 +36,6 @@ _CHANNEL_COUNTS = (1, 3, 4)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-
 def _read_image_source(source: str, where: str) -> PIL.Image.Image:
     """
     Opens an image file path (or `file://` URL), base64 image data (optionally as a `data:image/...` URL) or an
@@ -163,7 +162,8 @@ def _channel_layout(
 
 
 def _pixels_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
-    """8-bit pixel values for an `(H, W)` / `(H, W, C)` array of any supported dtype (rules: see `__call__`)."""
+    """8-bit pixel values for an `(H, W)` / `(H, W, C)` array of any supported dtype (rules: see *Images* in
+    `OpenFlamingoProcessor.__call__`)."""
     kind = pixels.dtype.kind
     if kind == "b":
         return pixels.astype(np.uint8) * 255
@@ -223,7 +223,6 @@ def _float_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
         )
     scale = 255.0 if high <= 1.0 else 1.0
     return np.rint(pixels * scale).astype(np.uint8)
-
 
 
 def load_image_input(image: Any, where: str, channel_format: ChannelDimension | None = None) -> PIL.Image.Image:

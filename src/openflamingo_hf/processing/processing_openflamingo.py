@@ -37,8 +37,8 @@ from transformers.tokenization_utils_base import TextInput
 from transformers.utils import is_torchvision_available, logging, to_py_obj
 from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START
 
-# No import from the rest of the package: this file is shipped in trust_remote_code Hub folders with its sibling
-# `media_inputs.py` only (hence the relative import).
+# No absolute import of the package: this file is shipped in trust_remote_code Hub folders, next to its sibling
+# `media_inputs.py` (hence the relative import).
 from .media_inputs import VideoFrames, is_video_input, load_image_input, load_video_input, uniform_frame_indices
 
 logger = logging.get_logger(__name__)
