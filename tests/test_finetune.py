@@ -271,6 +271,17 @@ def test_markers_in_verbatim_text_are_refused(processor, image_dir, row, field):
         build_finetune_dataset(write_jsonl(image_dir, [row]), processor)
 
 
+@pytest.mark.parametrize("token", ["<|endofchunk|>", "pad"])
+def test_other_protocol_tokens_in_verbatim_text_are_refused(processor, image_dir, token):
+    token = processor.tokenizer.pad_token if token == "pad" else token
+    rows = [{"images": ["0.png"], "prompt": "<image>Q:", "answer": f"a{token} cat"}]
+    with pytest.raises(ValueError, match=rf"line 1, field 'answer': holds the protocol token `{re.escape(token)}`"):
+        build_finetune_dataset(write_jsonl(image_dir, rows), processor)
+    # In a prompt, `<|endofchunk|>` closes a demonstration: protocol text, accepted.
+    rows = [{"images": ["0.png", "1.png"], "prompt": "<image>Q:a<|endofchunk|><image>Q:", "answer": "b"}]
+    assert len(build_finetune_dataset(write_jsonl(image_dir, rows), processor)) == 1
+
+
 def test_truncation_errors_name_the_line(processor, image_dir):
     rows = [
         {"image": "0.png", "caption": "fine"},

@@ -430,9 +430,9 @@ def test_post_processing(processor, images):
     new_tokens = [tokens + [pad] * (width - len(tokens)) for tokens in new_tokens]
     generated = torch.cat([inputs["input_ids"], torch.tensor(new_tokens)], dim=1)
 
-    # The dedicated helper: prompt stripped, cut at <|endofchunk|>.
-    assert processor.post_process_generation(generated, inputs["input_ids"]) == answers
-    assert processor.post_process_generation(generated, inputs["input_ids"].shape[1]) == answers
+    # The dedicated helper: prompt stripped, cut at <|endofchunk|>, the answer's leading space stripped.
+    assert processor.post_process_generation(generated, inputs["input_ids"]) == ["two birds", "a dog"]
+    assert processor.post_process_generation(generated, inputs["input_ids"].shape[1]) == ["two birds", "a dog"]
 
     # What the image-text-to-text pipeline does: decode both, strip the decoded prompt from the decoded output.
     decoded_outputs = processor.post_process_image_text_to_text(generated, skip_special_tokens=True)

@@ -49,6 +49,7 @@ CODE_FILES: dict[str, str] = {
     "modeling_mosaic_gpt.py": f"{PACKAGE}.modeling.modeling_mosaic_gpt",
     "modeling_openflamingo.py": f"{PACKAGE}.modeling.modeling_openflamingo",
     "processing_openflamingo.py": f"{PACKAGE}.processing.processing_openflamingo",
+    "media_inputs.py": f"{PACKAGE}.processing.media_inputs",
     "pipeline_openflamingo.py": f"{PACKAGE}.pipeline_openflamingo",
 }
 PIPELINE_FILE = "pipeline_openflamingo.py"

@@ -160,7 +160,10 @@ TINY_CAPTIONS = ["a cat", "a dog on a mat", "two birds", "a red car", "a man", "
 
 def recipe_sample(processor, index: int, interleaved: bool, max_length: int = 24, no_loss: bool = False) -> dict:
     """One tokenized training sample with the recipe's labels (`processor.pretraining_labels`), padded to
-    `max_length`: a caption pair, or (`interleaved`) a 3-chunk document with 2 images. `no_loss`: every label -100."""
+    `max_length`: a caption pair, or (`interleaved`) a 3-chunk document with 2 images. `no_loss`: every label
+    `IGNORE_INDEX`."""
+    from .processing.processing_openflamingo import IGNORE_INDEX
+
     if interleaved:
         text = processor.interleaved_text(["Intro.", f"{TINY_CAPTIONS[index % 8]}.", "a dog."], [1, 2])
         images = [make_image(index), make_image(index + 100)]
@@ -173,7 +176,7 @@ def recipe_sample(processor, index: int, interleaved: bool, max_length: int = 24
         "input_ids": batch["input_ids"][0],
         "attention_mask": batch["attention_mask"][0],
         "pixel_values": batch["pixel_values"][0],
-        "labels": labels.new_full(labels.shape, -100) if no_loss else labels,
+        "labels": labels.new_full(labels.shape, IGNORE_INDEX) if no_loss else labels,
     }
 
 

@@ -16,19 +16,13 @@ latest one before it. The processor therefore keeps the markers as they are, and
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
 from importlib import resources
-from io import BytesIO
 from typing import Any, NamedTuple
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from transformers import BatchFeature, PreTrainedTokenizerBase
 from transformers.image_utils import (
@@ -37,15 +31,15 @@ from transformers.image_utils import (
     ChannelDimension,
     ImageInput,
     PILImageResampling,
-    is_valid_image,
-    load_image,
 )
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 from transformers.utils import is_torchvision_available, logging, to_py_obj
 from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START
 
-# No import from the rest of the package: this file is also shipped alone in trust_remote_code Hub folders.
+# No absolute import of the package: this file is shipped in trust_remote_code Hub folders, next to its sibling
+# `media_inputs.py` (hence the relative import).
+from .media_inputs import VideoFrames, is_video_input, load_image_input, load_video_input, uniform_frame_indices
 
 logger = logging.get_logger(__name__)
 
@@ -56,8 +50,10 @@ DEFAULT_PAD_TOKEN = "<PAD>"
 # media slot, with its frames), so the model and tokenizer know a single marker.
 VIDEO_MARKER = "<video>"
 CHAT_TEMPLATE_RESOURCE = "chat_template.jinja"
+# The label of tokens that carry no loss: the `ignore_index` of torch's cross-entropy, which the model's loss uses.
+IGNORE_INDEX = -100
 
-# The text after each image in the original's evaluation prompts (DESIGN §6), by task: `{answer}` is the caption,
+# The text after each image in the original OpenFlamingo evaluation prompts, by task: `{answer}` is the caption,
 # short answer or class name of a demonstration, and empty for the query.
 TASK_TEMPLATES = {
     "captioning": "Output:{answer}",
@@ -138,6 +134,15 @@ class OpenFlamingoProcessor(ProcessorMixin):
     `<PAD>` = 50279. Never hard-code these ids: read `image_token_id`, `eoc_token_id` and
     `tokenizer.pad_token_id`, and use [`~OpenFlamingoProcessor.update_model_config`] to copy them into a model
     config.
+
+    Protocol tokens in raw text: the texts of training data (captions, document sentences, fine-tuning answers and
+    message texts) are raw text, and a protocol token written in one (`<image>`, `<|endofchunk|>`, the pad token)
+    never acts as one, since it would add a marker without an image or end a chunk early. `pair_sample` and
+    `interleaved_sample` remove such tokens (web-scale pretraining text cannot be fixed by hand); fine-tuning data
+    is refused where it holds them (`protocol_tokens_in` finds them; the data's author can fix the file). A prompt
+    passed to `__call__`, `prompt_messages` or `finetune_sample(prompt=...)` is protocol text: its markers place
+    the images. `apply_chat_template(..., sanitize_control_tokens=True)` encodes the protocol tokens of message
+    texts as plain text.
 
     Args:
         image_processor ([`CLIPImageProcessor`], *optional*):
@@ -323,11 +328,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
         mask_eos: bool = False,
     ) -> torch.Tensor:
         """
-        Labels of the pretraining recipe (the model shifts them itself): the input ids, with -100 on padding and on
-        `<image>`; for interleaved documents also on every token before the first `<image>` and on every token after
-        an `<|endofchunk|>` up to the next `<image>` (text that no image introduces). `<|endofchunk|>` itself and the
-        text after each image carry loss. The original also meant to mask eos but compared ids with a string, so eos
-        was trained; `mask_eos=True` masks it.
+        Labels of the pretraining recipe (the model shifts them itself): the input ids, with `IGNORE_INDEX` on padding
+        and on `<image>`; for interleaved documents also on every token before the first `<image>` and on every token
+        after an `<|endofchunk|>` up to the next `<image>` (text that no image introduces). `<|endofchunk|>` itself and
+        the text after each image carry loss. The original also meant to mask eos but compared ids with a string, so
+        eos was trained; `mask_eos=True` masks it.
 
         Args:
             input_ids: (batch, seq_len)
@@ -342,7 +347,187 @@ class OpenFlamingoProcessor(ProcessorMixin):
             masked |= _after_chunk_end_or_before_first_image(input_ids, self.image_token_id, self.eoc_token_id)
         if mask_eos and self.tokenizer.eos_token_id is not None:
             masked |= input_ids == self.tokenizer.eos_token_id
-        return labels.masked_fill(masked, -100)
+        return labels.masked_fill(masked, IGNORE_INDEX)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training samples: the pretraining data and the fine-tuning data call these once per sample
+    # ------------------------------------------------------------------------------------------------------------
+
+    def protocol_tokens_in(self, text: str) -> list[str]:
+        """The protocol tokens (`<image>`, `<|endofchunk|>`, the pad token) written in `text`, in that order."""
+        return [token for token in self._protocol_tokens() if token in text]
+
+    def _protocol_tokens(self) -> tuple[str, ...]:
+        pad = self.tokenizer.pad_token
+        return (self.image_token, self.eoc_token) + ((pad,) if pad and pad not in (self.image_token, self.eoc_token)
+                                                     else ())
+
+    def _without_protocol_tokens(self, text: str) -> str:
+        for token in self._protocol_tokens():
+            text = text.replace(token, "")
+        return text
+
+    def pair_sample(self, media: Any, caption: str, max_length: int, mask_eos: bool = False) -> BatchFeature:
+        """
+        One image-caption (or video-caption) pair of the pretraining recipe as a training sample.
+
+        The text is `pair_text(caption)`, with the protocol tokens written in the caption removed (see the class
+        docstring), tokenized with right padding to `max_length` and truncated to it; the labels are
+        `pretraining_labels(..., mask_eos=mask_eos)`.
+
+        Args:
+            media: the image (anything `__call__` takes as one image), or a video's frames as `load_video_input`
+                returns them.
+            caption (`str`): the caption, raw text.
+            max_length (`int`): the sample's length in tokens.
+            mask_eos (`bool`, *optional*, defaults to `False`): passed to `pretraining_labels`.
+
+        Returns:
+            [`BatchFeature`] of tensors: `input_ids`, `attention_mask`, `labels` `(max_length,)`; `pixel_values`
+            `(1, num_frames, 3, height, width)` (`num_frames` is 1 for an image); `frame_mask` `(1, num_frames)` when
+            `num_frames > 1`.
+        """
+        text = self.pair_text(self._without_protocol_tokens(caption))
+        return self._pretraining_sample(text, [media], max_length, interleaved=False, mask_eos=mask_eos)
+
+    def interleaved_sample(
+        self,
+        media: list[Any],
+        sentences: list[str],
+        image_sentence_indices: list[int],
+        max_length: int,
+        mask_eos: bool = False,
+    ) -> BatchFeature:
+        """
+        One interleaved document of the pretraining recipe as a training sample.
+
+        The text is `interleaved_text(sentences, image_sentence_indices)`, with the protocol tokens written in the
+        sentences removed (see the class docstring), tokenized with right padding to `max_length` and truncated to
+        it; the labels are `pretraining_labels(..., interleaved=True, mask_eos=mask_eos)`. Truncation may cut
+        `<image>` markers: only the media of the markers left are laid out, so `len(pixel_values)` is the number of
+        images the sample uses (0 when truncation left none).
+
+        Args:
+            media: one per entry of `image_sentence_indices`, in that order, sorted by sentence: images, or videos'
+                frames as `load_video_input` returns them.
+            sentences: the document's sentences, raw text.
+            image_sentence_indices: for each media, the index of the sentence it precedes.
+            max_length (`int`): the sample's length in tokens.
+            mask_eos (`bool`, *optional*, defaults to `False`): passed to `pretraining_labels`.
+
+        Returns:
+            [`BatchFeature`] of tensors: `input_ids`, `attention_mask`, `labels` `(max_length,)`; `pixel_values`
+            `(num_images, num_frames, 3, height, width)` (`num_frames`: the most frames of one media, 1 without
+            videos); `frame_mask` `(num_images, num_frames)` when `num_frames > 1`.
+        """
+        sentences = [self._without_protocol_tokens(sentence) for sentence in sentences]
+        text = self.interleaved_text(sentences, image_sentence_indices)
+        return self._pretraining_sample(text, list(media), max_length, interleaved=True, mask_eos=mask_eos)
+
+    def _pretraining_sample(
+        self, text: str, media: list[Any], max_length: int, interleaved: bool, mask_eos: bool
+    ) -> BatchFeature:
+        # Truncation may cut markers here (the recipe's documents are longer than its `max_length`), so the text is
+        # tokenized directly rather than through `__call__`, which refuses that.
+        encoded = self.tokenizer(
+            text, max_length=max_length, truncation=True, padding="max_length", padding_side="right",
+            return_tensors="pt",
+        )
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        labels = self.pretraining_labels(input_ids, attention_mask, interleaved=interleaved, mask_eos=mask_eos)
+        if interleaved:
+            media = media[: int((input_ids == self.image_token_id).sum())]
+        media = [
+            item if isinstance(item, VideoFrames) else self._load_image(item, 0, media_idx)
+            for media_idx, item in enumerate(media)
+        ]
+        pixels, _ = self._process_images([media], return_tensors="pt")
+        sample = {"input_ids": input_ids[0], "attention_mask": attention_mask[0], "labels": labels[0]}
+        sample.update({key: value[0] for key, value in pixels.items()})
+        return BatchFeature(sample)
+
+    def prompt_messages(self, prompt: str, answer: str, num_images: int, where: str = "The prompt") -> list[dict]:
+        """
+        The chat messages of a prompt-answer example: one user turn, the prompt split at its `<image>` markers into
+        image and text blocks (a prompt without markers gets one image block per image in front, as `__call__` does
+        with a text without markers), and one assistant turn, the answer.
+
+        Raises:
+            `ValueError` (its message starting with `where`) when the prompt has markers, but not one per image.
+        """
+        parts = prompt.split(self.image_token)
+        num_markers = len(parts) - 1
+        if num_markers == 0:
+            user = [{"type": "image"} for _ in range(num_images)] + _text_blocks(parts[0])
+        elif num_markers == num_images:
+            user = _text_blocks(parts[0])
+            for part in parts[1:]:
+                user += [{"type": "image"}] + _text_blocks(part)
+        else:
+            raise ValueError(
+                f"{where} has {num_markers} `{self.image_token}` markers but the example has {num_images} images: give "
+                "one marker per image, in order (or none, and the images go in front)."
+            )
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+    def finetune_sample(
+        self,
+        messages: list[dict] | None = None,
+        images: list[Any] | None = None,
+        max_length: int | None = 512,
+        *,
+        prompt: str | None = None,
+        answer: str | None = None,
+    ) -> BatchFeature:
+        """
+        One fine-tuning example as a training sample: the chat template's text, loss on the assistant turns only.
+
+        The chat template writes an image block as `<image>`, text verbatim, and closes every assistant turn with
+        `<|endofchunk|>`; the labels are the input ids on the assistant tokens (each answer and the
+        `<|endofchunk|>` that ends it) and `IGNORE_INDEX` everywhere else.
+
+        Args:
+            messages: chat messages (`{"role", "content"}`), content a string or `{"type": "image"}` /
+                `{"type": "text", "text": ...}` blocks. Or, instead, `prompt` and `answer` (see `prompt_messages`).
+            images: the images of the image blocks, in order.
+            max_length: truncate longer texts to this many tokens (`None`: never truncate). Truncation that would cut
+                an `<image>` marker, or leave no answer token, is a `ValueError`.
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask`, `labels` `(seq_len,)` long tensors; `pixel_values`
+            `(num_images, 1, 3, height, width)`, or `None` without images.
+        """
+        images = list(images or [])
+        if (messages is None) == (prompt is None and answer is None) or (messages is None and None in (prompt, answer)):
+            raise ValueError("finetune_sample takes either `messages`, or `prompt` and `answer`.")
+        if messages is None:
+            messages = self.prompt_messages(prompt, answer, len(images))
+        processor_kwargs: dict[str, Any] = {"images": images} if images else {}
+        if max_length is not None:
+            processor_kwargs.update(truncation=True, max_length=max_length)
+        encoded = self.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs=processor_kwargs,
+        )
+        input_ids = encoded["input_ids"][0].long()
+        attention_mask = encoded["attention_mask"][0].long()
+        carries_loss = torch.as_tensor(encoded["assistant_masks"][0]).bool() & attention_mask.bool()
+        if not bool(carries_loss.any()):
+            raise ValueError(
+                f"no answer token is left after truncating to max_length={max_length} tokens: raise max_length or "
+                "shorten the prompt."
+            )
+        pixel_values = encoded.get("pixel_values")
+        return BatchFeature({
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(~carries_loss, IGNORE_INDEX),
+            "pixel_values": pixel_values[0] if pixel_values is not None else None,
+        })
 
     # ------------------------------------------------------------------------------------------------------------
     # Model config
@@ -676,20 +861,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         as `(H, W, C)`, and refuses what is not a valid image with a message that names it (`where`, default
         "Sample i, image j").
         """
-        where = where or f"Sample {sample_idx}, image {image_idx}"
-        if isinstance(image, os.PathLike):
-            image = os.fspath(image)
-        if isinstance(image, str):
-            image = _read_image_source(image, where)
-        if not is_valid_image(image):
-            raise TypeError(
-                f"{where}: unsupported image type {type(image).__module__}.{type(image).__qualname__}. Pass a "
-                "PIL.Image.Image, a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W), or a path "
-                "to an image file."
-            )
-        if isinstance(image, PIL.Image.Image):
-            return _normalize_pil_image(image, where)
-        return _array_to_pil_image(image, where, channel_format)
+        return load_image_input(image, where or f"Sample {sample_idx}, image {image_idx}", channel_format)
 
     # ------------------------------------------------------------------------------------------------------------
     # Videos: each one fills one media slot (its `<video>` marker becomes `<image>`) with its sampled frames
@@ -697,17 +869,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
     @staticmethod
     def _is_video(item: Any) -> bool:
-        """A video: a file path, a `(T, H, W, C)` / `(T, C, H, W)` array or tensor, or a list of frames."""
-        if isinstance(item, (str, os.PathLike)):
-            return True
-        if isinstance(item, (np.ndarray, torch.Tensor)):
-            return item.ndim == 4
-        return (
-            isinstance(item, (list, tuple))
-            and len(item) > 0
-            and all(isinstance(f, PIL.Image.Image) or (isinstance(f, (np.ndarray, torch.Tensor)) and f.ndim in (2, 3))
-                    for f in item)
-        )
+        return is_video_input(item)
 
     def _split_videos(self, videos: Any, texts: list[str] | None) -> list[list[Any]]:
         """One list of videos per sample: a video, a list of one sample's videos, or a list of lists."""
@@ -751,7 +913,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         sampling: _FrameSampling,
         channel_format: ChannelDimension | None = None,
     ) -> tuple[list[list[Any]], list[str]]:
-        """Each sample's media in text order (images as they are, videos as `_VideoFrames`), `<video>` -> `<image>`."""
+        """Each sample's media in text order (images as they are, videos as `VideoFrames`), `<video>` -> `<image>`."""
         media_rows, new_texts = [], []
         either = re.compile(f"{self._marker_pattern().pattern}|{self._marker_pattern(VIDEO_MARKER).pattern}")
         for sample_idx, sample in enumerate(texts):
@@ -783,7 +945,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         video_idx: int,
         sampling: _FrameSampling,
         channel_format: ChannelDimension | None = None,
-    ) -> _VideoFrames:
+    ) -> VideoFrames:
         """The frames of one video, sampled uniformly to `sampling.num_frames` (all of them when it has no more, or
         with `do_sample_frames=False`)."""
         where = f"Sample {sample_idx}, video {video_idx}"
@@ -795,18 +957,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 "config.perceiver_max_num_frames, or, for a model without frame embeddings, the N frames to flatten "
                 "into one media slot as the released models would; or do_sample_frames=False for every frame."
             )
-        if isinstance(video, (str, os.PathLike)):
-            frames = _read_video_file(os.fspath(video), num_frames, where)
-        else:
-            frames = video
-            if len(frames) == 0:
-                raise ValueError(f"{where} has no frames.")
-            if num_frames is not None:
-                frames = [frames[int(i)] for i in uniform_frame_indices(len(frames), num_frames)]
-        return _VideoFrames(
-            self._load_image(frame, sample_idx, video_idx, channel_format, where=f"{where}, frame {frame_idx}")
-            for frame_idx, frame in enumerate(frames)
-        )
+        return load_video_input(video, num_frames, where, channel_format)
 
     def validate_inputs(
         self,
@@ -836,7 +987,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         Returns `({"pixel_values": ..., ...}, [])`: no marker replacement, OpenFlamingo keeps one marker per image.
         """
         return_tensors = kwargs.pop("return_tensors", None)
-        frames = [list(item) if isinstance(item, _VideoFrames) else [item] for row in images for item in row]
+        frames = [list(item) if isinstance(item, VideoFrames) else [item] for row in images for item in row]
         flat = [frame for item in frames for frame in item]
         # Always ask for a stacked torch tensor: the image processor returns a list otherwise.
         processed = self.image_processor(flat or [self._blank_image()], return_tensors="pt", **kwargs)["pixel_values"]
@@ -847,19 +998,15 @@ class OpenFlamingoProcessor(ProcessorMixin):
             )
 
         padded = isinstance(images, _PaddedMediaRows)
-        max_images = max([len(row) for row in images] + ([images.num_slots] if padded else []))
-        max_frames = max([len(item) for item in frames] + ([images.num_frames] if padded else [1]))
-        pixel_values = processed.new_zeros((len(images), max_images, max_frames, *processed.shape[1:]))
-        frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
-        start, item_idx = 0, 0
-        for sample_idx, row in enumerate(images):
-            for media_idx in range(len(row)):
-                count = len(frames[item_idx])
-                pixel_values[sample_idx, media_idx, :count] = processed[start : start + count]
-                frame_mask[sample_idx, media_idx, :count] = True
-                start, item_idx = start + count, item_idx + 1
+        items = iter(processed.split([len(item) for item in frames]) if flat else ())
+        pixel_values, frame_mask = stack_media(
+            [[next(items) for _ in row] for row in images],
+            like=processed,
+            num_slots=images.num_slots if padded else 0,
+            num_frames=images.num_frames if padded else 1,
+        )
         outputs = {"pixel_values": pixel_values}
-        if max_frames > 1 or padded:  # which frames are real (shorter media are padded with zero frames)
+        if pixel_values.shape[2] > 1 or padded:  # which frames are real (shorter media are padded with zero frames)
             outputs["frame_mask"] = frame_mask
         if padded:  # which slots are real: the model cannot tell from the markers which slots no row uses
             outputs["image_mask"] = frame_mask.any(dim=-1)
@@ -958,8 +1105,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
         **kwargs,
     ) -> list[str]:
         """
-        Returns only the newly generated text of each row: drops the prompt tokens and cuts at the first
-        `<|endofchunk|>` (OpenFlamingo's end of answer).
+        Returns only the newly generated text of each row: drops the prompt tokens, cuts at the first
+        `<|endofchunk|>` (OpenFlamingo's end of answer) and strips leading whitespace.
 
         Args:
             generated_ids (`torch.Tensor`, `np.ndarray` or lists of ids):
@@ -989,52 +1136,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
             new_tokens = list(row[prompt_length:])
             if self.eoc_token_id in new_tokens:
                 new_tokens = new_tokens[: new_tokens.index(self.eoc_token_id)]
-            answers.append(self.tokenizer.decode(new_tokens, skip_special_tokens=skip_special_tokens, **kwargs))
+            answer = self.tokenizer.decode(new_tokens, skip_special_tokens=skip_special_tokens, **kwargs)
+            # The first generated token usually carries the space after the prompt ("Output:" -> " two cats").
+            answers.append(answer.lstrip())
         return answers
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Video reading: frames sampled uniformly, files through transformers' `load_video`
-# ----------------------------------------------------------------------------------------------------------------
-
-class _VideoFrames(list):
-    """The loaded frames of one video: one media slot of several frames (a plain list is not a media item)."""
-
-
-def uniform_frame_indices(total_num_frames: int, num_frames: int) -> np.ndarray:
-    """
-    Which frames of a `total_num_frames`-frame video to keep: transformers' uniform sampling
-    (`video_utils.default_sample_indices_fn`: `arange(num_frames) * total // num_frames`), or every frame when the
-    video has no more than `num_frames`.
-    """
-    if total_num_frames <= num_frames:
-        return np.arange(total_num_frames)
-    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
-
-    return default_sample_indices_fn(VideoMetadata(total_num_frames=total_num_frames), num_frames=num_frames)
-
-
-def _read_video_file(path: str, num_frames: int | None, where: str) -> np.ndarray:
-    """(T, H, W, C) uint8 frames of a video file, uniformly sampled to `num_frames` (`None`: every frame), read by
-    transformers' `load_video` (PyAV)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{where}: no such video file: {path}.")
-    from transformers.video_utils import load_video
-
-    try:
-        frames, _ = load_video(
-            path, backend="pyav",
-            sample_indices_fn=lambda metadata, **_: uniform_frame_indices(
-                metadata.total_num_frames, metadata.total_num_frames if num_frames is None else num_frames
-            ),
-        )
-    except ImportError as error:
-        raise ImportError(f"{where}: reading video files needs PyAV: `pip install av` ({error}).") from error
-    except Exception as error:  # noqa: BLE001 (PyAV raises its own error types for unreadable files)
-        raise ValueError(f"{where}: cannot read video file {path} ({type(error).__name__}: {error}).") from error
-    if len(frames) == 0:
-        raise ValueError(f"{where}: video file {path} has no frames.")
-    return frames
 
 
 class _FrameSampling(NamedTuple):
@@ -1060,211 +1165,10 @@ def _requested_max_num_images(kwargs: dict[str, Any]) -> int | None:
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Image normalization: every image becomes an 8-bit PIL image before the image processor runs. Its own handling of
-# arrays guesses the channel axis (channels first when in doubt), rescales float [0, 1] images by 1/255 a second
-# time, and PIL clips 16-bit images to white when converting them to RGB; a PIL image in an 8-bit mode is what every
-# image processor backend handles the same, correct way.
-# ----------------------------------------------------------------------------------------------------------------
-
-# Channel counts of an image array: gray, RGB, RGBA (as in transformers' `infer_channel_dimension_format` calls).
-_CHANNEL_COUNTS = (1, 3, 4)
-# 16-bit PIL modes. They, and the 32-bit modes `I` and `F`, are clipped (not scaled) by `Image.convert("RGB")`.
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
 def _requested_channel_format(kwargs: dict[str, Any]) -> ChannelDimension | None:
     """The `input_data_format` the caller passed to the processor (top level or in `images_kwargs`), if any."""
     value = kwargs.get("input_data_format") or (kwargs.get("images_kwargs") or {}).get("input_data_format")
     return None if value is None else ChannelDimension(value)
-
-
-def _read_image_source(source: str, where: str) -> PIL.Image.Image:
-    """
-    Opens an image file path (or `file://` URL), base64 image data (optionally as a `data:image/...` URL) or an
-    http(s) URL.
-
-    Files and base64 data are opened without a mode conversion, so that `_normalize_pil_image` can scale 16-bit
-    images instead of PIL clipping them (which `load_image`'s `convert("RGB")` does). URLs are downloaded by
-    `load_image`, which returns 8-bit RGB.
-    """
-    if source.startswith("file://"):
-        source = url2pathname(urlparse(source).path)
-    try:
-        if source.startswith(("http://", "https://")):
-            return load_image(source)
-        if os.path.isfile(source):
-            opened = PIL.Image.open(source)
-        else:
-            data = source.split(",", 1)[-1] if source.startswith("data:image/") else source
-            opened = PIL.Image.open(BytesIO(base64.decodebytes(data.encode())))
-        with opened:
-            # Decode here (PIL opens lazily), so that a corrupt file gets the message below; `exif_transpose`
-            # returns a copy, which outlives the file closed here.
-            opened.load()
-            return PIL.ImageOps.exif_transpose(opened)
-    except Exception as error:
-        shown = source if len(source) <= 120 else source[:120] + "..."
-        if source.startswith(("http://", "https://")):
-            reason = f"could not download {shown!r} ({type(error).__name__}: {error})"
-        elif os.path.isfile(source):
-            reason = f"{shown!r} exists but is not a readable image file ({type(error).__name__}: {error})"
-        else:
-            reason = f"there is no image file at {shown!r} (and it is not base64 image data)"
-        raise ValueError(
-            f"{where}: {reason}. Pass the path of a readable image file, an http(s) URL, base64 image data, or a PIL "
-            "image."
-        ) from error
-
-
-def _empty_image_error(where: str, description: str) -> ValueError:
-    """The error for an image without pixels (the image processor would fail on it with a `ZeroDivisionError`)."""
-    return ValueError(
-        f"{where}: the image is empty ({description}). Pass an image at least one pixel wide and high, or leave the "
-        "empty image (and its `<image>` marker) out."
-    )
-
-
-def _normalize_pil_image(image: PIL.Image.Image, where: str) -> PIL.Image.Image:
-    """Scales a 16-bit / 32-bit PIL image to an 8-bit gray one; returns 8-bit modes unchanged."""
-    if image.width == 0 or image.height == 0:
-        raise _empty_image_error(where, f"a {image.width}x{image.height} (width x height) PIL image")
-    if image.mode in _SIXTEEN_BIT_MODES:
-        gray = _sixteen_bit_to_uint8(np.asarray(image))
-    elif image.mode == "I":
-        gray = _int32_image_to_uint8(np.asarray(image), where)
-    elif image.mode == "F":
-        gray = _float_to_uint8(np.asarray(image), where)
-    else:
-        # 8-bit modes (RGB, L, RGBA, LA, P, 1, CMYK, ...): the image processor converts them to RGB itself,
-        # compositing transparency onto white.
-        return image
-    return PIL.Image.fromarray(gray)
-
-
-def _array_to_pil_image(
-    image: np.ndarray | torch.Tensor, where: str, channel_format: ChannelDimension | None
-) -> PIL.Image.Image:
-    """Turns an `(H, W)`, `(H, W, C)` or `(C, H, W)` array / tensor into an 8-bit L, RGB or RGBA PIL image."""
-    is_tensor = isinstance(image, torch.Tensor)
-    pixels = _to_numpy(image)
-    if pixels.ndim not in (2, 3):
-        raise ValueError(
-            f"{where}: an image array must have 2 or 3 dimensions ((H, W), (H, W, C) or (C, H, W)), got shape "
-            f"{tuple(pixels.shape)}."
-        )
-    if pixels.size == 0:
-        raise _empty_image_error(where, f"an array of shape {tuple(pixels.shape)}")
-    if pixels.ndim == 3:
-        if _channel_layout(pixels.shape, is_tensor, channel_format, where) == ChannelDimension.FIRST:
-            pixels = np.moveaxis(pixels, 0, -1)
-        if pixels.shape[-1] == 1:
-            pixels = pixels[..., 0]
-    # `fromarray` picks L / RGB / RGBA from the uint8 array's shape.
-    return PIL.Image.fromarray(np.ascontiguousarray(_pixels_to_uint8(pixels, where)))
-
-
-def _to_numpy(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A numpy view / copy of an array or (any device, any float precision) tensor."""
-    if isinstance(image, np.ndarray):
-        return image
-    image = image.detach().cpu()
-    # numpy has no bfloat16; float32 holds every half-precision value exactly.
-    if image.dtype in (torch.float16, torch.bfloat16):
-        image = image.float()
-    return image.numpy()
-
-
-def _channel_layout(
-    shape: tuple[int, ...], is_tensor: bool, requested: ChannelDimension | None, where: str
-) -> ChannelDimension:
-    """
-    The channel axis of a 3-D image array: `requested` if given, else the axis of size 1, 3 or 4. When both the
-    first and the last axis qualify (an image at most 4 pixels high or wide), numpy arrays are read as (H, W, C),
-    the numpy / PIL convention, and torch tensors as (C, H, W), the torchvision convention.
-    """
-    first_fits, last_fits = shape[0] in _CHANNEL_COUNTS, shape[-1] in _CHANNEL_COUNTS
-    if requested is not None:
-        channels = shape[0] if requested == ChannelDimension.FIRST else shape[-1]
-        if channels not in _CHANNEL_COUNTS:
-            raise ValueError(
-                f"{where}: with `input_data_format={requested.value!r}` the image array of shape {tuple(shape)} has "
-                f"{channels} channels, but an image needs 1 (gray), 3 (RGB) or 4 (RGBA). Check the array's layout "
-                "or `input_data_format`."
-            )
-        return requested
-    if first_fits and last_fits:
-        return ChannelDimension.FIRST if is_tensor else ChannelDimension.LAST
-    if first_fits or last_fits:
-        return ChannelDimension.FIRST if first_fits else ChannelDimension.LAST
-    raise ValueError(
-        f"{where}: cannot find the channel axis of the image array of shape {tuple(shape)}: an image needs 1 "
-        f"(gray), 3 (RGB) or 4 (RGBA) channels, on its first axis (C, H, W) or its last axis (H, W, C), but these "
-        f"axes have {shape[0]} and {shape[-1]} entries. Convert it to gray, RGB or RGBA first."
-    )
-
-
-def _pixels_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
-    """8-bit pixel values for an `(H, W)` / `(H, W, C)` array of any supported dtype (rules: see `__call__`)."""
-    kind = pixels.dtype.kind
-    if kind == "b":
-        return pixels.astype(np.uint8) * 255
-    if kind == "u" and pixels.dtype.itemsize == 1:
-        return pixels
-    if kind == "u" and pixels.dtype.itemsize == 2:
-        return _sixteen_bit_to_uint8(pixels)
-    if kind in "ui":
-        low, high = int(pixels.min()), int(pixels.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{where}: an image of dtype {pixels.dtype} must have pixel values in [0, 255], got [{low}, {high}]. "
-                "Pass 16-bit images as uint16, or scale the image to [0, 255]."
-            )
-        return pixels.astype(np.uint8)
-    if kind == "f":
-        return _float_to_uint8(pixels, where)
-    raise TypeError(
-        f"{where}: unsupported pixel dtype {pixels.dtype}. Pass uint8 pixels in [0, 255], uint16 (16-bit) pixels, "
-        "or float pixels in [0, 1] or [0, 255]."
-    )
-
-
-def _sixteen_bit_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Scales 16-bit values [0, 65535] to [0, 255], rounding to nearest (65535 / 255 = 257 exactly)."""
-    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
-
-
-def _int32_image_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
-    """A PIL mode `I` image (32-bit integers, e.g. some 16-bit PNGs) holding 16-bit values, scaled to 8 bits."""
-    low, high = int(pixels.min()), int(pixels.max())
-    if low < 0 or high > 65535:
-        raise ValueError(
-            f"{where}: a PIL image of mode 'I' is read as 16-bit, with values in [0, 65535], but has values in "
-            f"[{low}, {high}]. Scale it to 16 bits (mode 'I;16') or 8 bits (mode 'L') first."
-        )
-    return _sixteen_bit_to_uint8(pixels)
-
-
-def _float_to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
-    """
-    Float pixels to 8 bits: values all in [0, 1] are read as [0, 1], else as [0, 255]. NaN / infinite, negative
-    (e.g. already normalized pixel values) and > 255 values are refused rather than silently clipped.
-    """
-    pixels = pixels.astype(np.float64)
-    num_non_finite = int(np.count_nonzero(~np.isfinite(pixels)))
-    if num_non_finite:
-        raise ValueError(
-            f"{where}: the image has NaN or infinite pixel values ({num_non_finite} of {pixels.size}). Pass an image "
-            "with finite pixel values."
-        )
-    low, high = float(pixels.min()), float(pixels.max())
-    if low < 0 or high > 255:
-        raise ValueError(
-            f"{where}: float pixel values must lie in [0, 1] or [0, 255], got [{low:g}, {high:g}]. Pass the raw image "
-            "(not normalized pixel values), clamped to its range (e.g. `image.clamp(0, 1)`)."
-        )
-    scale = 255.0 if high <= 1.0 else 1.0
-    return np.rint(pixels * scale).astype(np.uint8)
 
 
 def _after_chunk_end_or_before_first_image(input_ids: torch.Tensor, image_id: int, eoc_id: int) -> torch.Tensor:
@@ -1282,8 +1186,33 @@ def _after_chunk_end_or_before_first_image(input_ids: torch.Tensor, image_id: in
     return before_first_image | (kind_before == 2)
 
 
+def stack_media(
+    rows: list[list[torch.Tensor]], like: torch.Tensor, num_slots: int = 0, num_frames: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The pixel layout of a batch: `rows[b][m]` is the `(frames, 3, height, width)` tensor of the real frames of media
+    `m` of sample `b`. Returns `pixel_values` `(batch, max_media, max_frames, 3, height, width)`, zero on padding
+    slots and frames (at least `num_slots` slots and `num_frames` frames), and `frame_mask`
+    `(batch, max_media, max_frames)`, `True` on real frames. `like` gives the frame shape and dtype when no row has
+    media.
+    """
+    max_media = max([len(row) for row in rows] + [num_slots])
+    max_frames = max([len(item) for row in rows for item in row] + [num_frames])
+    pixel_values = like.new_zeros((len(rows), max_media, max_frames, *like.shape[-3:]))
+    frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
+    for sample_idx, row in enumerate(rows):
+        for media_idx, item in enumerate(row):
+            pixel_values[sample_idx, media_idx, : len(item)] = item
+            frame_mask[sample_idx, media_idx, : len(item)] = True
+    return pixel_values, frame_mask
+
+
+def _text_blocks(text: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text}] if text else []
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-__all__ = ["OpenFlamingoProcessor", "default_image_processor", "load_default_chat_template"]
+__all__ = ["OpenFlamingoProcessor", "default_image_processor", "load_default_chat_template", "uniform_frame_indices"]

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..processing.processing_openflamingo import IGNORE_INDEX, stack_media
+
 # Key under which samples report what their data pipeline skipped before them (reason -> count); the collator sums it
 # per batch and `OpenFlamingoTrainer` adds it up over the run (see `openflamingo_hf.trainer.data`).
 SKIPPED_KEY = "skipped"
@@ -19,7 +21,7 @@ class OpenFlamingoDataCollator:
     Pads a list of samples into a batch (right padding, for training).
 
     Each sample is a dict with `input_ids` (seq_len,), optional `attention_mask` (seq_len,) and `labels` (seq_len,)
-    (-100 where no loss is wanted; computed by the data pipeline through the processor), optional `pixel_values`
+    (`IGNORE_INDEX` where no loss is wanted; computed by the processor's sample methods), optional `pixel_values`
     (num_images, num_frames, 3, H, W) with an optional `frame_mask` (num_images, num_frames) for videos, and
     optional `skipped` counts.
 
@@ -30,7 +32,7 @@ class OpenFlamingoDataCollator:
         frames, which the model then never attends); `skipped` (reason -> count) when any sample carries counts.
 
     Args:
-        pad_token_id: the tokenizer's pad id (`processor.tokenizer.pad_token_id`).
+        pad_token_id: the pad id of the processor's tokenizer.
         pad_to_multiple_of: round the padded length up to a multiple of this (tensor-core friendly lengths).
     """
 
@@ -41,11 +43,7 @@ class OpenFlamingoDataCollator:
         if not samples:
             raise ValueError("Cannot collate an empty list of samples.")
         batch = self._pad_text(samples)
-        pixel_values = self._pad_images(samples)
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
-            if pixel_values.shape[2] > 1:
-                batch["frame_mask"] = self._frame_mask(samples, pixel_values.shape[:3])
+        batch.update(self._pad_media(samples))
         skipped = Counter()
         for sample in samples:
             for reason, count in (sample.get(SKIPPED_KEY) or {}).items():
@@ -64,7 +62,7 @@ class OpenFlamingoDataCollator:
         input_ids = torch.full((len(ids), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
         has_labels = "labels" in samples[0]
-        labels = torch.full((len(ids), length), -100, dtype=torch.long) if has_labels else None
+        labels = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
         for row, (sample, row_ids) in enumerate(zip(samples, ids)):
             n = len(row_ids)
             input_ids[row, :n] = row_ids
@@ -80,38 +78,40 @@ class OpenFlamingoDataCollator:
         return batch
 
     @staticmethod
-    def _pad_images(samples: list[dict[str, Any]]) -> torch.Tensor | None:
-        images = [sample.get("pixel_values") for sample in samples]
-        images = [None if image is None else torch.as_tensor(image) for image in images]
-        present = [image for image in images if image is not None and image.numel() > 0]
-        if not present:
-            return None
-        for row, image in enumerate(images):
+    def _pad_media(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """
+        `pixel_values` laid out by the processor's `stack_media` from each sample's real frames (its `frame_mask`, or
+        all frames of its `pixel_values`), and `frame_mask` when any media has several frames; nothing when no sample
+        has media.
+        """
+        rows, present = [], []
+        for row, sample in enumerate(samples):
+            image = sample.get("pixel_values")
+            image = None if image is None else torch.as_tensor(image)
             if image is not None and image.ndim != 5:
                 raise ValueError(
                     f"Sample {row}: pixel_values must be (num_images, num_frames, 3, H, W), got {tuple(image.shape)}."
                 )
-        max_images = max(image.shape[0] for image in present)
-        max_frames = max(image.shape[1] for image in present)
-        out = present[0].new_zeros((len(samples), max_images, max_frames, *present[0].shape[2:]))
-        for row, image in enumerate(images):
-            if image is not None and image.numel() > 0:
-                out[row, : image.shape[0], : image.shape[1]] = image
-        return out
-
-    @staticmethod
-    def _frame_mask(samples: list[dict[str, Any]], shape: torch.Size) -> torch.Tensor:
-        """True for each sample's real frames: its own `frame_mask`, or all frames of its `pixel_values`."""
-        mask = torch.zeros(shape, dtype=torch.bool)
-        for row, sample in enumerate(samples):
-            image = sample.get("pixel_values")
-            if image is None or torch.as_tensor(image).numel() == 0:
+            if image is None or image.numel() == 0:
+                rows.append([])
                 continue
             own = sample.get("frame_mask")
-            own = torch.ones(torch.as_tensor(image).shape[:2], dtype=torch.bool) if own is None else own
-            own = torch.as_tensor(own, dtype=torch.bool)
-            mask[row, : own.shape[0], : own.shape[1]] = own
-        return mask
+            own = torch.ones(image.shape[:2], dtype=torch.bool) if own is None else torch.as_tensor(own).bool()
+            rows.append([media[mask] for media, mask in zip(image, own)])
+            present.append(image)
+        if not present:
+            return {}
+        # Slots and frames as many as the samples' own tensors have, whether real or padding.
+        pixel_values, frame_mask = stack_media(
+            rows,
+            like=present[0],
+            num_slots=max(image.shape[0] for image in present),
+            num_frames=max(image.shape[1] for image in present),
+        )
+        media = {"pixel_values": pixel_values}
+        if pixel_values.shape[2] > 1:  # some media has several frames: which of them are real
+            media["frame_mask"] = frame_mask
+        return media
 
 
 __all__ = ["OpenFlamingoDataCollator", "SKIPPED_KEY"]

@@ -6,17 +6,17 @@ videos in place of images.
 Each sample is a dict with `input_ids`, `attention_mask`, `labels` (seq_len,) (right padding to `max_length`),
 `pixel_values` (num_media, num_frames, 3, H, W) (an image is one frame; `num_frames` is 1 without videos), when a
 media has several frames `frame_mask` (num_media, num_frames) (False on the zero frames after a media's own), and
-`skipped` (reason -> count, see `shard_reading`), ready for `OpenFlamingoDataCollator`. The OpenFlamingo text layout
-and label rules come from the processor (`pair_text`, `interleaved_text`, `pretraining_labels`), and so do the videos'
-frames (its `videos=` reading and uniform sampling to `num_frames`); this module only selects, orders and filters the
-media.
+`skipped` (reason -> count, see `shard_reading`), ready for `OpenFlamingoDataCollator`. The processor builds each sample
+(`pair_sample`, `interleaved_sample`: text layout, tokens, labels and pixel layout), and `processing.media_inputs`
+reads the videos' frames (uniformly sampled to `num_frames`); this module only selects, orders and filters the media.
 
 Formats, and what is skipped: see `openflamingo_hf.trainer.shard_reading`, which reads the shards (and
 `openflamingo_hf.trainer.shard_writing`, which writes them).
 
-Videos are decoded with the processor: files through transformers' `load_video` (PyAV, `pip install av`; containers
-must record their frame count, as AVI and most MP4 do), frame lists and arrays as given; each is sampled uniformly to
-`num_frames` frames (the builders' argument, default `processor.num_frames`), shorter videos keep all their frames.
+Videos are decoded as the processor decodes them (`processing.media_inputs`): files through transformers'
+`load_video` (PyAV, `pip install av`; containers must record their frame count, as AVI and most MP4 do), frame lists
+and arrays as given; each is sampled uniformly to `num_frames` frames (the builders' argument, default
+`processor.num_frames`), shorter videos keep all their frames.
 
 Sampling, as the original recipe draws its data (open_flamingo 2.0.1 `train/data.py`), per epoch (`set_epoch`,
 which `OpenFlamingoTrainer` calls on both streams at the start of every epoch, resumed runs included):
@@ -59,9 +59,8 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 import PIL.Image
-import torch
 
-from ..processing.processing_openflamingo import uniform_frame_indices
+from ..processing.media_inputs import VideoFrames, load_video_input, uniform_frame_indices
 from .collator import SKIPPED_KEY
 from .shard_reading import (
     IMAGE_BELOW_THRESHOLD,
@@ -127,15 +126,15 @@ def preprocess_pair(
     """
     One image-caption (or video-caption) pair as a training sample.
 
-    The text is `processor.pair_text(caption)`, tokenized with right padding to `max_length` (truncated to it);
-    labels are `processor.pretraining_labels`; the image (every frame of the video) is flipped horizontally with
-    probability 0.5 (one `rng.random()` draw). A video fills the one media slot as an image does: the model's text
-    marks it with `<image>` too (the processor's `<video>` marker becomes `<image>`), so text and labels are those
-    of an image pair; its frames are the processor's (`processor(videos=..., num_frames=...)`).
+    The sample is `processor.pair_sample(media, caption, max_length)` (text `pair_text(caption)` with right padding
+    to `max_length`, labels `pretraining_labels`); the image (every frame of the video) is flipped horizontally
+    with probability 0.5 (one `rng.random()` draw). A video fills the one media slot as an image does: the model's
+    text marks it with `<image>` too, so text and labels are those of an image pair; its frames are read by
+    `processing.media_inputs.load_video_input`, as `processor(videos=..., num_frames=...)` reads them.
 
     Args:
         media: encoded image bytes, a PIL image or a `Video`.
-        caption: the caption (`<image>` / `<|endofchunk|>` occurrences in it are removed).
+        caption: the caption (protocol tokens written in it, e.g. `<image>`, are removed by the processor).
         processor: an `OpenFlamingoProcessor`.
         rng: numpy `Generator` or `random.Random`; `None` draws from a fresh, unseeded generator.
         mask_eos: passed to `pretraining_labels`.
@@ -150,10 +149,7 @@ def preprocess_pair(
     rng = np.random.default_rng() if rng is None else rng
     decoded = _decode_media(media, processor, num_frames, UNDECODABLE_IMAGE, UNDECODABLE_VIDEO)
     flip = _coin(rng)
-    text = processor.pair_text(_strip_protocol_tokens(caption, processor))
-    input_ids, attention_mask = _tokenize(text, processor, max_length)
-    labels = processor.pretraining_labels(input_ids[None], attention_mask[None], mask_eos=mask_eos)[0]
-    return _training_sample(input_ids, attention_mask, labels, [decoded], processor, flip, {})
+    return _training_sample(processor.pair_sample(decoded, caption, max_length, mask_eos=mask_eos), flip, {})
 
 
 def preprocess_interleaved(
@@ -182,7 +178,7 @@ def preprocess_interleaved(
     An `image_info` entry may be a video instead (`video_base64`: a video file; `frames_base64`: frame images): it
     is one media slot, under the same rules as an image (its `<image>` marker, the threshold, the 10 KB rule on the
     file or on every frame, dropping when it does not decode, `max_num_images` and `min_num_images` counting it),
-    its frames sampled uniformly to `num_frames` (default `processor.num_frames`) by the processor.
+    its frames sampled uniformly to `num_frames` (default `processor.num_frames`) as the processor samples them.
 
     ChatGPT documents (`is_gpt`): see `_preprocess_gpt_document`.
 
@@ -202,7 +198,7 @@ def preprocess_interleaved(
     if "is_gpt" in document:
         return _preprocess_gpt_document(document, processor, min_num_images, max_num_images, max_length, rng,
                                         mask_eos)
-    sentences, image_info, similarities = _mmc4_fields(document, processor)
+    sentences, image_info, similarities = _mmc4_fields(document)
     dropped: Counter = Counter()
     candidates = _mmc4_candidates(image_info, similarities, sim_threshold, dropped)
     # The text gets the markers in sentence order, so the images must be in that order too: the k-th `<image>` in
@@ -221,17 +217,19 @@ def preprocess_interleaved(
         raise SkipSample(NO_IMAGES, counts=dropped)
 
     flip = _coin(rng)
-    text = processor.interleaved_text(sentences, [sentence for sentence, _ in kept])
-    input_ids, attention_mask = _tokenize(text, processor, max_length)
-    num_images = min(int((input_ids == processor.image_token_id).sum()), len(kept))
+    sample = processor.interleaved_sample([media for _, media in kept], sentences,
+                                          [sentence for sentence, _ in kept], max_length, mask_eos=mask_eos)
+    # The processor lays out the media whose `<image>` markers truncation left.
+    num_images = len(sample["pixel_values"])
     if num_images < max(min_num_images, 1):
         raise SkipSample(TOO_FEW_IMAGES, f"{num_images} image(s) after truncation", dropped)
     if num_images == 1 and _coin(rng):
         raise SkipSample(SINGLE_IMAGE_DROPPED, counts=dropped)
-    if num_images == 1 and int(input_ids[-1]) == processor.image_token_id:
+    if num_images == 1 and int(sample["input_ids"][-1]) == processor.image_token_id:
         raise SkipSample(SINGLE_IMAGE_AT_END, counts=dropped)
-    return _interleaved_sample(input_ids, attention_mask, [media for _, media in kept[:num_images]], processor,
-                               flip, mask_eos, dropped)
+    # Only the media the text uses: the collator pads each batch to its longest row (the original padded every
+    # document to max_num_images; the model refuses image slots that no <image> token of the batch refers to).
+    return _training_sample(sample, flip, dropped)
 
 
 def _mmc4_candidates(
@@ -301,7 +299,7 @@ def _preprocess_gpt_document(
     """
     A ChatGPT-generated document: `example` is text with `_!_IMAGEk_!_` markers, the image of a marker is
     `image_map[marker]["base64_image"]`. Each marker starts a new chunk with its image; the text is built by
-    `processor.interleaved_text` from the text between markers, which gives the original's string (markers
+    `processor.interleaved_sample` from the text between markers, which gives the original's string (markers
     replaced by `<|endofchunk|><image>`, first `<|endofchunk|>` dropped, one space on each side of a marker
     removed, `<|endofchunk|>{eos}` appended). The first `max_num_images` markers are used (the original kept one
     fewer, and closed the cut text with a second `<|endofchunk|>`). No similarity or size filtering; a missing
@@ -313,7 +311,6 @@ def _preprocess_gpt_document(
         raise SkipSample(MISSING_FIELDS, "a ChatGPT document needs 'example' and 'image_map'")
     if not isinstance(example, str) or not isinstance(image_map, Mapping):
         raise SkipSample(MALFORMED_FIELDS, "'example' must be a string and 'image_map' an object")
-    example = _strip_protocol_tokens(example, processor)
     markers = GPT_IMAGE_MARKER.findall(example)
     parts = GPT_IMAGE_MARKER.split(example)  # parts[k] is the text before markers[k]; parts[-1] after the last
     num_used = min(len(markers), max_num_images)
@@ -325,12 +322,12 @@ def _preprocess_gpt_document(
     sentences = [_drop_one_trailing_space(part) if k < len(markers) else part for k, part in
                  enumerate(parts[: num_used + 1])]
     flip = _coin(rng)
-    text = processor.interleaved_text(sentences, list(range(1, num_used + 1)))
-    input_ids, attention_mask = _tokenize(text, processor, max_length)
-    num_images = min(int((input_ids == processor.image_token_id).sum()), num_used)
+    sample = processor.interleaved_sample(images, sentences, list(range(1, num_used + 1)), max_length,
+                                          mask_eos=mask_eos)
+    num_images = len(sample["pixel_values"])
     if num_images < max(min_num_images, 1):
         raise SkipSample(TOO_FEW_IMAGES, f"{num_images} image(s) after truncation")
-    return _interleaved_sample(input_ids, attention_mask, images[:num_images], processor, flip, mask_eos, Counter())
+    return _training_sample(sample, flip, Counter())
 
 
 def _gpt_image_bytes(image_map: Mapping[str, Any], marker: str) -> bytes:
@@ -347,10 +344,8 @@ def _drop_one_trailing_space(text: str) -> str:
     return text.removesuffix(" ")
 
 
-def _mmc4_fields(
-    document: Mapping[str, Any], processor: OpenFlamingoProcessor
-) -> tuple[list[str], list[Mapping], list[np.ndarray]]:
-    """`text_list` (protocol tokens removed), `image_info` and the similarity rows, checked."""
+def _mmc4_fields(document: Mapping[str, Any]) -> tuple[list[str], list[Mapping], list[np.ndarray]]:
+    """`text_list`, `image_info` and the similarity rows, checked."""
     missing = [key for key in ("text_list", "image_info", "similarity_matrix") if key not in document]
     if missing:
         raise SkipSample(MISSING_FIELDS, f"missing {missing}")
@@ -372,52 +367,19 @@ def _mmc4_fields(
             f"'similarity_matrix' must have one row per image ({len(image_info)}) and one finite number per "
             f"sentence ({len(sentences)})",
         )
-    return [_strip_protocol_tokens(sentence, processor) for sentence in sentences], image_info, rows
+    return sentences, image_info, rows
 
 
-def _interleaved_sample(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    media: list[PIL.Image.Image | torch.Tensor],
-    processor: OpenFlamingoProcessor,
-    flip: bool,
-    mask_eos: bool,
-    dropped: Mapping[str, int],
-) -> dict[str, Any]:
-    labels = processor.pretraining_labels(input_ids[None], attention_mask[None], interleaved=True,
-                                          mask_eos=mask_eos)[0]
-    # Only the media the text uses: the collator pads each batch to its longest row (the original padded every
-    # document to max_num_images; the model refuses image slots that no <image> token of the batch refers to).
-    return _training_sample(input_ids, attention_mask, labels, media, processor, flip, dropped)
-
-
-def _training_sample(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-    media: list[PIL.Image.Image | torch.Tensor],
-    processor: OpenFlamingoProcessor,
-    flip: bool,
-    skipped: Mapping[str, int],
-) -> dict[str, Any]:
-    """The sample dict: the tokens (seq_len,), `pixel_values` (and `frame_mask` when a media has several frames)."""
-    pixel_values, frame_mask = _pixel_values(media, processor, flip)
-    sample = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-              "pixel_values": pixel_values}
-    if frame_mask is not None:
-        sample["frame_mask"] = frame_mask
+def _training_sample(sample: Mapping[str, Any], flip: bool, skipped: Mapping[str, int]) -> dict[str, Any]:
+    """
+    The processor's sample as the dataset's dict, with the skip counts; all its pixels flipped horizontally (every
+    frame of every media) when `flip`.
+    """
+    sample = dict(sample)
+    if flip:
+        sample["pixel_values"] = sample["pixel_values"].flip(-1)
     sample[SKIPPED_KEY] = dict(skipped)
     return sample
-
-
-def _strip_protocol_tokens(text: str, processor: OpenFlamingoProcessor) -> str:
-    """
-    Removes `<image>` / `<|endofchunk|>` written in raw text: tokenized as the special tokens, they would add
-    markers without images and shift the pairing of markers and images.
-    """
-    for token in (processor.image_token, processor.eoc_token):
-        text = text.replace(token, "")
-    return text
 
 
 def _to_rgb(image: bytes | PIL.Image.Image, reason: str) -> PIL.Image.Image:
@@ -436,57 +398,22 @@ def _coin(rng: Rng) -> bool:
     return rng.random() < 0.5
 
 
-def _tokenize(text: str, processor: OpenFlamingoProcessor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = processor.tokenizer(
-        text, max_length=max_length, truncation=True, padding="max_length", padding_side="right",
-        return_tensors="pt",
-    )
-    return encoded["input_ids"][0], encoded["attention_mask"][0]
-
-
-def _pixel_values(
-    media: list[PIL.Image.Image | torch.Tensor], processor: OpenFlamingoProcessor, flip: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """
-    The pixels of a sample's media, laid out as the processor lays out one sample's.
-
-    Args:
-        media: decoded media in text order: PIL images, and videos' processed frames (T, 3, H, W) (`_video_pixels`).
-    Returns:
-        `pixel_values` (num_media, max_frames, 3, H, W): the images processed (one frame each) and the videos'
-        frames, zero frames after a media's own; all flipped horizontally or none. `frame_mask`
-        (num_media, max_frames), True on real frames, when `max_frames > 1`; else None.
-    """
-    images = [item for item in media if isinstance(item, PIL.Image.Image)]
-    processed = iter(processor.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else [])
-    frames = [next(processed)[None] if isinstance(item, PIL.Image.Image) else item for item in media]
-    max_frames = max(len(item) for item in frames)
-    pixels = frames[0].new_zeros((len(frames), max_frames, *frames[0].shape[1:]))
-    frame_mask = torch.zeros(pixels.shape[:2], dtype=torch.bool)
-    for index, item in enumerate(frames):
-        pixels[index, : len(item)] = item
-        frame_mask[index, : len(item)] = True
-    if flip:
-        pixels = pixels.flip(-1)
-    return pixels, frame_mask if max_frames > 1 else None
-
-
-# --- Videos: decoded by the processor, which owns reading files, frame layouts and uniform sampling -------------
+# --- Videos: read by `processing.media_inputs`, which owns reading files, frame layouts and uniform sampling ---
 
 
 def _decode_media(
     media: Media, processor: OpenFlamingoProcessor, num_frames: int | None, image_reason: str, video_reason: str
-) -> PIL.Image.Image | torch.Tensor:
-    """An RGB PIL image, or a video's processed frames (T, 3, H, W); `SkipSample(image_reason / video_reason)`."""
+) -> PIL.Image.Image | VideoFrames:
+    """An RGB PIL image, or a video's frames; `SkipSample(image_reason / video_reason)`."""
     if isinstance(media, Video):
-        return _video_pixels(media, processor, num_frames, video_reason)
+        return _video_frames(media, processor, num_frames, video_reason)
     return _to_rgb(media, image_reason)
 
 
-def _video_pixels(video: Video, processor: OpenFlamingoProcessor, num_frames: int | None, reason: str) -> torch.Tensor:
+def _video_frames(video: Video, processor: OpenFlamingoProcessor, num_frames: int | None, reason: str) -> VideoFrames:
     """
-    The processed frames of one video, (T, 3, H, W) with T = min(num_frames, the video's frames): what
-    `processor(videos=..., num_frames=num_frames)` gives for it.
+    The frames of one video, T = min(num_frames, the video's frames), as `processor(videos=..., num_frames=num_frames)`
+    reads them.
 
     Raises:
         SkipSample(reason): the video (or a sampled frame) does not decode.
@@ -502,18 +429,17 @@ def _video_pixels(video: Video, processor: OpenFlamingoProcessor, num_frames: in
         )
     try:
         with _video_source(video, num_frames, reason) as source:
-            pixels = processor(videos=[[source]], num_frames=num_frames, return_tensors="pt")["pixel_values"]
+            return load_video_input(source, num_frames, "Sample 0, video 0")
     except ImportError as error:
         raise VideoSetupError(f"Reading the shards' video files needs PyAV: `pip install av` ({error}).") from error
-    except (ValueError, TypeError) as error:  # the processor's errors for videos it cannot read
+    except (ValueError, TypeError) as error:  # the errors for videos that cannot be read
         raise SkipSample(reason, str(error)) from None
-    return pixels[0, 0]
 
 
 @contextlib.contextmanager
 def _video_source(video: Video, num_frames: int, reason: str) -> Iterator[str | np.ndarray | list]:
     """
-    What the processor's `videos=` takes for `video`: a file path (a temporary file for bytes, since transformers'
+    What `load_video_input` takes for `video`: a file path (a temporary file for bytes, since transformers'
     `load_video` reads paths and URLs only; removed afterwards), a frame array, or decoded frames.
     """
     extension = video.extension or os.path.splitext(video.path or "")[1][1:]

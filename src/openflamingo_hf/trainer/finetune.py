@@ -4,14 +4,14 @@ Fine-tuning data for OpenFlamingo (LoRA adapters: `openflamingo_hf.trainer.lora`
 `build_finetune_dataset(path_or_examples, processor)` reads a JSONL file (one JSON object per line; blank lines are
 skipped) into a map-style `datasets.Dataset` whose items are training samples for `OpenFlamingoDataCollator`:
 
-- `input_ids`, `attention_mask`, `labels`: `(seq_len,)` long tensors; `labels` is -100 everywhere except on the
-  answer tokens and the `<|endofchunk|>` that closes each answer;
+- `input_ids`, `attention_mask`, `labels`: `(seq_len,)` long tensors; `labels` is `IGNORE_INDEX` everywhere
+  except on the answer tokens and the `<|endofchunk|>` that closes each answer;
 - `pixel_values`: `(num_images, 1, 3, H, W)` float tensor, or `None` for an example without images.
 
-Every example goes through one code path: it is turned into chat messages and encoded by
-`processor.apply_chat_template(..., return_assistant_tokens_mask=True)`. The processor's chat template writes an
-image block as `<image>`, text verbatim, and closes every assistant turn with `<|endofchunk|>`; the assistant turns
-are what carries loss. Three shapes are accepted (other keys, e.g. ids, are ignored):
+Every example goes through one code path: `processor.finetune_sample` encodes its chat messages (or its prompt and
+answer) with `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`. The processor's chat template
+writes an image block as `<image>`, text verbatim, and closes every assistant turn with `<|endofchunk|>`; the
+assistant turns are what carries loss. Three shapes are accepted (other keys, e.g. ids, are ignored):
 
 1. **Prompt + answer** (VQA, instructions)::
 
@@ -20,7 +20,8 @@ are what carries loss. Three shapes are accepted (other keys, e.g. ids, are igno
    The text is `prompt + answer + <|endofchunk|>`; loss on `answer<|endofchunk|>` only. The prompt holds one
    `<image>` per image, in order (a prompt without markers gets them all in front, as the processor does), and may
    hold few-shot demonstrations (`<image>Question: ... Short answer:yes<|endofchunk|><image>...`), which carry no
-   loss. `"image": "a.jpg"` may stand for `"images": ["a.jpg"]`.
+   loss. `"image": "a.jpg"` may stand for `"images": ["a.jpg"]`. The answer is raw text: it may not hold protocol
+   tokens (`<image>`, `<|endofchunk|>`, the pad token).
 
 2. **Chat messages** (several turns, few-shot demonstrations as earlier turns)::
 
@@ -31,17 +32,17 @@ are what carries loss. Three shapes are accepted (other keys, e.g. ids, are igno
                      {"role": "assistant", "content": "a dog"}]}
 
    Roles are `user`, `assistant` and `system` (written like `user`); content is a string or a list of
-   `{"type": "image"}` / `{"type": "text", "text": ...}` blocks. Loss on every assistant turn and its
-   `<|endofchunk|>`. The `{"type": "image"}` blocks take the `images` in order; instead of the `images` list, every
-   image block may name its own file (`{"type": "image", "path": "a.jpg"}`, or `"url"`). Images go in user / system
-   turns only.
+   `{"type": "image"}` / `{"type": "text", "text": ...}` blocks (raw text: no protocol tokens). Loss on every
+   assistant turn and its `<|endofchunk|>`. The `{"type": "image"}` blocks take the `images` in order; instead of the
+   `images` list, every image block may name its own file (`{"type": "image", "path": "a.jpg"}`, or `"url"`). Images
+   go in user / system turns only.
 
 3. **Captioning**::
 
        {"image": "a.jpg", "caption": "a cat", "prompt": "Output:"}
 
    The text is `<image>` + `prompt` (optional, default empty) + `caption` + `<|endofchunk|>`; loss on
-   `caption<|endofchunk|>`.
+   `caption<|endofchunk|>`. Prompt and caption are raw text (no protocol tokens).
 
 Image paths are relative to the JSONL file's folder (absolute paths, `http(s)://` URLs and `data:image/...` base64
 data are used as they are); local files must exist when the file is loaded. Malformed lines raise a `ValueError`
@@ -69,7 +70,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..processing.processing_openflamingo import IGNORE_INDEX
 
 _ROLES = ("system", "user", "assistant")
 _IMAGE_SOURCE_KEYS = ("path", "url", "image")
@@ -298,43 +299,43 @@ def _check_messages(example: dict[str, Any], where: _Where, base_dir: str | None
 def example_to_messages(example: Mapping[str, Any], processor) -> tuple[list[dict[str, Any]], list[str]]:
     """
     The chat messages and image sources of a checked example (any shape, see the module docstring), as
-    `processor.apply_chat_template` takes them. Prompt-answer and captioning examples become one user turn (the
-    prompt, split at the processor's image marker into image and text blocks) and one assistant turn.
+    `processor.apply_chat_template` takes them. Prompt-answer and captioning examples become one user turn and one
+    assistant turn (`processor.prompt_messages`).
 
     Raises:
-        `ValueError` naming the example's file and line if the prompt's `<image>` markers do not match its images.
+        `ValueError` naming the example's file, line and field if the prompt's `<image>` markers do not match its
+        images, or if a raw text holds a protocol token.
     """
     where = _Where(example.get("source", "<examples>"), example.get("line", 0))
-    marker = processor.image_token
-    for field, text in _free_texts(example):
-        if marker in text:
-            raise where.error(
-                field, f"holds the image marker `{marker}`, which only a prompt or a {{\"type\": \"image\"}} block "
-                "may place."
-            )
-    if "messages" in example:
-        return [dict(message) for message in example["messages"]], list(example["images"])
-    if "caption" in example:
-        images = [example["image"]]
-        user = [{"type": "image"}] + _text_blocks(example.get("prompt", ""))
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": example["caption"]}], images
+    _check_raw_texts(example, processor, where)
+    prompt, answer, images = _prompt_and_answer(example)
+    if prompt is None:
+        return [dict(message) for message in example["messages"]], images
+    return processor.prompt_messages(prompt, answer, len(images), where=f"{where}, field 'prompt':"), images
 
-    images = list(example["images"])
-    parts = example["prompt"].split(marker)
-    num_markers = len(parts) - 1
-    if num_markers == 0:
-        # No marker: the images come first, as the processor does with a marker-less text.
-        user = [{"type": "image"} for _ in images] + _text_blocks(parts[0])
-    elif num_markers == len(images):
-        user = _text_blocks(parts[0])
-        for part in parts[1:]:
-            user += [{"type": "image"}] + _text_blocks(part)
-    else:
-        raise where.error(
-            "prompt", f"has {num_markers} `{marker}` markers but the example has {len(images)} images: give one "
-            "marker per image, in order (or none, and the images go in front)."
-        )
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": example["answer"]}], images
+
+def _prompt_and_answer(example: Mapping[str, Any]) -> tuple[str | None, str | None, list[str]]:
+    """(prompt, answer, images) of a prompt-answer or captioning example; (None, None, images) for messages."""
+    if "messages" in example:
+        return None, None, list(example["images"])
+    if "caption" in example:
+        # A captioning prompt holds no marker (checked), so its one image goes in front.
+        return example.get("prompt", ""), example["caption"], [example["image"]]
+    return example["prompt"], example["answer"], list(example["images"])
+
+
+def _check_raw_texts(example: Mapping[str, Any], processor, where: _Where) -> None:
+    """Refuses protocol tokens written in the example's raw texts (see the processor's docstring)."""
+    for field, text in _free_texts(example):
+        for token in processor.protocol_tokens_in(text):
+            if token == processor.image_token:
+                problem = (
+                    f"holds the image marker `{token}`, which only a prompt or a {{\"type\": \"image\"}} block may "
+                    "place."
+                )
+            else:
+                problem = f"holds the protocol token `{token}`, which raw text may not contain: remove it."
+            raise where.error(field, problem)
 
 
 def _free_texts(example: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
@@ -363,16 +364,13 @@ def _with_location(error: Exception, where: _Where) -> Exception:
         return ValueError(message)
 
 
-def _text_blocks(text: str) -> list[dict[str, str]]:
-    return [{"type": "text", "text": text}] if text else []
-
-
 def encode_finetune_example(
     example: Mapping[str, Any], processor, max_length: int | None = 512
 ) -> dict[str, torch.Tensor | None]:
     """
-    Encodes one checked example into a training sample: `input_ids`, `attention_mask`, `labels` (`(seq_len,)`;
-    -100 except on assistant tokens) and `pixel_values` (`(num_images, 1, 3, H, W)`, `None` without images).
+    Encodes one checked example into a training sample (`processor.finetune_sample`): `input_ids`, `attention_mask`,
+    `labels` (`(seq_len,)`; `IGNORE_INDEX` except on assistant tokens) and `pixel_values` (`(num_images, 1, 3, H,
+    W)`, `None` without images).
 
     Args:
         example: an example as `load_finetune_examples` returns it.
@@ -381,37 +379,14 @@ def encode_finetune_example(
             `<image>` marker, or leave no answer token, is an error.
     """
     where = _Where(example.get("source", "<examples>"), example.get("line", 0))
-    messages, images = example_to_messages(example, processor)
-    processor_kwargs: dict[str, Any] = {"images": images} if images else {}
-    if max_length is not None:
-        processor_kwargs.update(truncation=True, max_length=max_length)
+    # One processor call per example; its raw texts and markers were checked when the dataset was built.
+    prompt, answer, images = _prompt_and_answer(example)
+    messages = None if prompt is not None else [dict(message) for message in example["messages"]]
     try:
-        encoded = processor.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            return_tensors="pt",
-            processor_kwargs=processor_kwargs,
-        )
+        sample = processor.finetune_sample(messages, images, max_length, prompt=prompt, answer=answer)
     except (ValueError, TypeError, OSError) as error:
         raise _with_location(error, where) from error
-    input_ids = encoded["input_ids"][0].long()
-    attention_mask = encoded["attention_mask"][0].long()
-    answer = torch.as_tensor(encoded["assistant_masks"][0]).bool() & attention_mask.bool()
-    if not bool(answer.any()):
-        raise where.error(
-            None, f"no answer token is left after truncating to max_length={max_length} tokens: raise max_length "
-            "or shorten the prompt."
-        )
-    labels = input_ids.masked_fill(~answer, IGNORE_INDEX)
-    pixel_values = encoded.get("pixel_values")
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": pixel_values[0] if pixel_values is not None else None,
-    }
+    return dict(sample)
 
 
 class FinetuneTransform:
@@ -449,9 +424,8 @@ def build_finetune_dataset(
     Returns:
         `datasets.Dataset` with stored columns `example` (JSON text), `source` and `line`, and a transform that
         makes each item `{"input_ids", "attention_mask", "labels", "pixel_values"}` (tensors; `pixel_values` is
-        `None` for an example without images). Batch it with
-        `OpenFlamingoDataCollator(pad_token_id=processor.tokenizer.pad_token_id)`; with `transformers.Trainer`
-        use `remove_unused_columns=False`.
+        `None` for an example without images). Batch it with `OpenFlamingoDataCollator` (its `pad_token_id`: the
+        pad id of the processor's tokenizer); with `transformers.Trainer` use `remove_unused_columns=False`.
     """
     import datasets
 
