@@ -11,7 +11,7 @@ import torch
 from ..processing.processing_openflamingo import IGNORE_INDEX, stack_media
 
 # Key under which samples report what their data pipeline skipped before them (reason -> count); the collator sums it
-# per batch and `OpenFlamingoTrainer` adds it up over the run (see `openflamingo_hf.trainer.data`).
+# per batch and `OpenFlamingoTrainer` adds it up over the run (see `openflamingo_hf.trainer.shard_reading`).
 SKIPPED_KEY = "skipped"
 
 
