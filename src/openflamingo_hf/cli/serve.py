@@ -36,9 +36,11 @@ from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.model_manager import EngineClient, ModelLoader, ModelManager
 from transformers.cli.serving.utils import Modality, canonical_model_id, parse_model_id
 
-import openflamingo_hf  # noqa: F401  (registers OpenFlamingo with the Auto classes, also in the model's process)
-
+from .. import register_auto_classes
 from .parsing import OneLineArgumentParser, UsageError, check_model_source
+
+# At import, so that the model's process, which imports this module, has the Auto classes too.
+register_auto_classes()
 
 PROG = "openflamingo serve"
 DEFAULT_HOST = "127.0.0.1"
