@@ -244,3 +244,18 @@ def test_the_last_line_says_where_the_model_went(finetune_base, tmp_path, capsys
           "--per_device_train_batch_size", "1", "--disable_tqdm", "true", "--save_strategy", "no"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"openflamingo-train: wrote the model and processor to {tmp_path / 'out'}."
+
+
+def test_the_last_line_names_the_default_output_folder(finetune_base, tmp_path, capsys, monkeypatch):
+    """Without --output_dir the model goes to TrainingArguments' default folder, relative to the working folder: the
+    last line gives its absolute path, and the model is there."""
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": str(finetune_base / "red.png"), "caption": "x"}) + "\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    main(["--model_name_or_path", str(finetune_base / "model"), "--finetune_data", str(tmp_path / "data.jsonl"),
+          "--use_cpu", "--report_to", "none", "--max_steps", "1", "--per_device_train_batch_size", "1",
+          "--disable_tqdm", "true", "--save_strategy", "no"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    (written,) = [path for path in run_dir.iterdir() if (path / "config.json").is_file()]
+    assert last == f"openflamingo-train: wrote the model and processor to {written}."
