@@ -227,3 +227,34 @@ def test_offline_mode_names_the_uncached_id(unreachable_hub):
     assert completed.returncode == 2
     (line,) = completed.stderr.strip().splitlines()
     assert "not in the local Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_unknown_hub_repository_is_named_at_once(unreachable_hub):
+    """A Hub that answers "no such repository" (a local stand-in server): one line saying so, nothing loaded."""
+    import http.server
+    import threading
+
+    class NoSuchRepository(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**unreachable_hub, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+        completed = subprocess.run(
+            [sys.executable, "-m", "openflamingo_hf.cli.main", "generate", "--model", "fake-org/no-such-model"],
+            capture_output=True, text=True, env=env, timeout=240,
+        )
+    finally:
+        server.shutdown()
+    assert completed.returncode == 2
+    (line,) = completed.stderr.strip().splitlines()
+    assert line.startswith("openflamingo generate: error: --model fake-org/no-such-model: no such repository")

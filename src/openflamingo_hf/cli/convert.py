@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..releases import RELEASES
-from .parsing import OneLineErrorParser, UsageError, check_model_source, parse_config_overrides
+from .parsing import OneLineErrorParser, UsageError, parse_config_overrides
 
 PROG = "openflamingo-convert"
 # The dtypes the weights can be saved in (`release_conversion.DTYPES` maps them to torch dtypes).

@@ -143,15 +143,15 @@ def check_hub_reachable(option: str, source: str) -> None:
     """
     if os.path.isdir(source):
         return
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, is_offline_mode, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     if any(isinstance(try_to_load_from_cache(source, name), str) for name in _CACHE_MARKERS):
         return
-    if constants.HF_HUB_OFFLINE:
+    if is_offline_mode():
         raise UsageError(
-            f"{option} {source} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set. Download it while "
-            "online (hf download REPO_ID) or pass a local folder."
+            f"{option} {source} is not in the local Hugging Face cache, and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) "
+            "is set. Download it while online (hf download REPO_ID) or pass a local folder."
         )
     try:
         HfApi().model_info(source, timeout=10)
@@ -164,7 +164,8 @@ def check_hub_reachable(option: str, source: str) -> None:
         ) from None
     except HfHubHTTPError:
         return  # the Hub answered; loading reports what it says
-    except Exception as error:  # connection refused, DNS, timeout: raised by the HTTP client, not huggingface_hub
+    except Exception as error:  # connection refused, DNS, timeout: raised by the HTTP client, whose module (httpx,
+        # httpx2, ...) depends on the huggingface_hub version
         raise UsageError(
             f"{option} {source} is not in the local Hugging Face cache and the Hub ({constants.ENDPOINT}) cannot be "
             f"reached ({type(error).__name__}: {' '.join(str(error).split())[:200]}). Connect to the network, or "

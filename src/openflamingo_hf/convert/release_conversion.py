@@ -1,9 +1,9 @@
 """Conversion of a released OpenFlamingo checkpoint (or any original-format one) into a transformers model folder.
 
-`convert_checkpoint(ConversionSettings(...))` reads the checkpoint, builds the processor (tokenizer with `<|endofchunk|>`,
-`<image>` and `<PAD>` at the ids the checkpoint was trained with, CLIP image processor, chat template) and the
-config, merges the checkpoint into the backbones and writes sharded safetensors, `config.json`, the processor,
-`generation_config.json` (stops at `<|endofchunk|>`) and a model card. The folder loads with
+`convert_checkpoint(ConversionSettings(...))` reads the checkpoint, builds the processor (tokenizer with
+`<|endofchunk|>`, `<image>` and `<PAD>` at the ids the checkpoint was trained with, CLIP image processor, chat
+template) and the config, merges the checkpoint into the backbones and writes sharded safetensors, `config.json`, the
+processor, `generation_config.json` (stops at `<|endofchunk|>`) and a model card. The folder loads with
 `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained` once `openflamingo_hf` is imported.
 The command `openflamingo-convert` (`openflamingo_hf.cli.convert`) reads its settings from the command line.
 """
@@ -150,7 +150,9 @@ def check_checkpoint_file(path: str) -> str:
         try:
             zipfile.ZipFile(path).close()
         except (zipfile.BadZipFile, OSError) as error:
-            raise ConversionInputError(f"{path} is truncated or corrupt ({error}); download or save it again.") from error
+            raise ConversionInputError(
+                f"{path} is truncated or corrupt ({error}); download or save it again."
+            ) from error
         return "torch-zip"
     if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
         from safetensors import safe_open
@@ -159,7 +161,9 @@ def check_checkpoint_file(path: str) -> str:
             with safe_open(path, framework="pt"):  # checks that the header's tensors cover the file exactly
                 pass
         except Exception as error:  # SafetensorError is not exported under a stable name
-            raise ConversionInputError(f"{path} is truncated or corrupt ({error}); download or save it again.") from error
+            raise ConversionInputError(
+                f"{path} is truncated or corrupt ({error}); download or save it again."
+            ) from error
         return "safetensors"
     if head.startswith(b"\x80") or tarfile.is_tarfile(path):  # a pickle stream (protocol 2+), or the oldest format
         return "torch-legacy"
@@ -196,7 +200,8 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an original checkpoint file; a file that holds no state dict is a `ConversionInputError` too."""
+    """The state dict of an original checkpoint file; a file that holds no state dict is a `ConversionInputError`
+    too."""
     try:
         state_dict, _ = unwrap_checkpoint(load_checkpoint(path))
     except ConversionError as error:
@@ -267,7 +272,8 @@ def build_config(
 
     if release is not None:
         config = get_release_config(release.name)
-        if settings.cross_attn_every_n_layers and settings.cross_attn_every_n_layers != release.cross_attn_every_n_layers:
+        interval_given = settings.cross_attn_every_n_layers
+        if interval_given and interval_given != release.cross_attn_every_n_layers:
             raise ConversionInputError(
                 f"{release.name} has a gated block every {release.cross_attn_every_n_layers} layers; "
                 f"--cross-attn-every-n-layers {settings.cross_attn_every_n_layers} contradicts it. Drop the option."
@@ -310,7 +316,8 @@ def build_config(
     if len(processor.tokenizer) > rows:
         raise ConversionInputError(
             f"The tokenizer has {len(processor.tokenizer)} tokens (OpenFlamingo's included) but the model's embedding "
-            f"has {rows} rows: new rows would have no trained weights. Use the tokenizer the checkpoint was trained with."
+            f"has {rows} rows: new rows would have no trained weights. Use the tokenizer the checkpoint was trained "
+            "with."
         )
     if release is not None and embedding_key in normalized and rows != len(processor.tokenizer):
         raise ConversionInputError(
@@ -347,7 +354,10 @@ def render_model_card(
             "checked for numerical equivalence, not re-evaluated.\n"
         )
     else:
-        source = f"Converted from a local OpenFlamingo checkpoint (`{Path(settings.checkpoint).name}`) with `openflamingo-convert`."
+        source = (
+            f"Converted from a local OpenFlamingo checkpoint (`{Path(settings.checkpoint).name}`) with "
+            "`openflamingo-convert`."
+        )
         scores = ""
     text_config = config.get_text_config()
     return "\n".join(front) + f"""
@@ -419,7 +429,8 @@ def convert_checkpoint(settings: ConversionSettings) -> ConversionReport:
     config = build_config(settings, release, state_dict, processor)
 
     print(f"Loading the language model {language_model} and the vision tower {vision_model}")
-    lm = load_language_model(language_model, config.text_config, dtype=dtype, local_files_only=settings.local_files_only)
+    local_files_only = settings.local_files_only
+    lm = load_language_model(language_model, config.text_config, dtype=dtype, local_files_only=local_files_only)
     if lm.config.model_type != config.text_config.model_type:
         raise ConversionInputError(
             f"{language_model} loads as a '{lm.config.model_type}' model but the checkpoint's architecture needs "
@@ -427,7 +438,7 @@ def convert_checkpoint(settings: ConversionSettings) -> ConversionReport:
             "releases the MosaicGPT repo, whose config.json has model_type 'mosaic_gpt'; for the 9B release an MPT-7B "
             "repo, model_type 'mpt')."
         )
-    vision = _load_vision_tower(vision_model, dtype=dtype, local_files_only=settings.local_files_only)
+    vision = _load_vision_tower(vision_model, dtype=dtype, local_files_only=local_files_only)
     base = base_state_dict_from_backbones(lm, vision)
     converted, report = convert_original_state_dict(state_dict, config, base_state_dict=base, return_report=True)
     del base, state_dict
@@ -474,15 +485,20 @@ def _build_processor(
     settings: ConversionSettings, release: OpenFlamingoRelease | None, language_model: str, vision_model: str
 ) -> OpenFlamingoProcessor:
     """The tokenizer (OpenFlamingo's tokens are added by the processor) and the image processor of the output."""
-    tokenizer_path = settings.tokenizer or (release.tokenizer if release and not settings.language_model else language_model)
+    release_tokenizer = release.tokenizer if release and not settings.language_model else None
+    tokenizer_path = settings.tokenizer or release_tokenizer or language_model
     tokenizer = AutoTokenizer.from_pretrained(
         tokenizer_path, local_files_only=settings.local_files_only, trust_remote_code=False
     )
     if settings.image_processor:
-        image_processor = AutoImageProcessor.from_pretrained(settings.image_processor, local_files_only=settings.local_files_only)
+        image_processor = AutoImageProcessor.from_pretrained(
+            settings.image_processor, local_files_only=settings.local_files_only
+        )
     elif release is None:
         try:
-            image_processor = AutoImageProcessor.from_pretrained(vision_model, local_files_only=settings.local_files_only)
+            image_processor = AutoImageProcessor.from_pretrained(
+                vision_model, local_files_only=settings.local_files_only
+            )
         except OSError:
             print(f"{vision_model} has no image processor; using OpenAI CLIP preprocessing at 224 px.")
             image_processor = default_image_processor()
