@@ -58,6 +58,8 @@ def run_command(module: str, *argv: str) -> tuple[int, bool, str]:
         ("openflamingo_hf.cli.main", ["generate", "--image", "no-such-image.png"], 2),
         ("openflamingo_hf.cli.main", ["frobnicate"], 2),
         ("openflamingo_hf.cli.main", ["export", "--help"], 0),
+        ("openflamingo_hf.cli.main", ["serve", "--help"], 0),
+        ("openflamingo_hf.cli.main", ["serve", "--port", "70000"], 2),
         ("openflamingo_hf.cli.export", ["--model", "no/such/folder/x", "--output", "out"], 2),
         ("openflamingo_hf.cli.export", ["--bogus"], 2),
     ],

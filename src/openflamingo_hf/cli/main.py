@@ -68,12 +68,8 @@ def _eval_main(argv: list[str]) -> int:
 
 
 def _serve_main(argv: list[str]) -> int:
-    try:
-        from .serve import main
-    except ImportError as error:  # transformers' serving code is missing (too old a transformers)
-        print(f"{PROG} serve: error: transformers' serving code cannot be imported ({error}); install transformers "
-              ">= 5.25 and the serve extra: pip install 'openflamingo-hf[serve]'.", file=sys.stderr)
-        return 2
+    from .serve import main
+
     return main(argv)
 
 
