@@ -277,7 +277,7 @@ def _sample_image_paths() -> list[str]:
     return samples
 
 
-def _check_model_source(source: str, *, default: bool) -> None:
+def _check_generate_model(source: str, *, default: bool) -> None:
     """The shipped model folder when `default` (it must hold config.json), else `--model` as any command checks it:
     an existing model folder or a Hub repo id (`check_model_source`)."""
     from pathlib import Path
@@ -387,7 +387,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     # The shipped default for videos is its video variant (frame embeddings, trained on the world's clips).
     shipped = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR
     source = shipped if default_model else args.model
-    _check_model_source(str(source), default=default_model)
+    _check_generate_model(str(source), default=default_model)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
