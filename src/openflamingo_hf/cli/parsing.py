@@ -1,8 +1,8 @@
 """Argument parsers of this package's commands: every error is one `prog: error: message` line and exit status 2.
 
 argparse would print the usage first, which for commands with this many options is a block that buries the message
-(`--help` shows it). `OneLineErrorParser` is the `HfArgumentParser` (dataclass) flavour used by `openflamingo-convert`,
-`openflamingo-export` and `openflamingo-train`; `OneLineArgumentParser` is the plain argparse flavour used by the
+(`--help` shows it). `OneLineErrorParser` (in `dataclass_parser`, importable from here) is the `HfArgumentParser`
+(dataclass) flavour used by `openflamingo-convert`, `-export`, `-train` and `-eval`; `OneLineArgumentParser` is the plain argparse flavour used by the
 `openflamingo` command itself. `command_name` lets `openflamingo convert ...` run the `openflamingo-convert` code
 with its messages naming `openflamingo convert`.
 
@@ -21,8 +21,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
-
-from transformers import HfArgumentParser
 
 # The program name to use instead of the one a command passes to its parser, while `command_name` is active.
 _PROG_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("openflamingo_prog", default=None)
@@ -78,24 +76,14 @@ class OneLineArgumentParser(_OneLineErrors, argparse.ArgumentParser):
         super().__init__(*args, **_with_prog_override(kwargs))
 
 
-class OneLineErrorParser(_OneLineErrors, HfArgumentParser):
-    """
-    The `HfArgumentParser` of this package's CLIs: every error, argparse's own and those the CLI reports through
-    `parser.error`, is one `prog: error: message` line on stderr and exit status 2. argparse would print the usage
-    first, which for CLIs with this many options is a block that buries the message (`--help` shows it).
-    """
+def __getattr__(name: str) -> Any:
+    # `OneLineErrorParser` subclasses transformers' `HfArgumentParser`, and importing transformers takes over a second,
+    # which `openflamingo --help` and the errors of its own subcommands do without: it is imported when first used.
+    if name == "OneLineErrorParser":
+        from .dataclass_parser import OneLineErrorParser
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **_with_prog_override(kwargs))
-
-    def parse_command_line(self, argv: Sequence[str] | None) -> Any:
-        """The dataclass of arguments (a tuple for several); an unknown option is a usage error, not
-        HfArgumentParser's ValueError."""
-        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}. See --help for the options.")
-        return parsed[0] if len(parsed) == 1 else tuple(parsed)
+        return OneLineErrorParser
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UsageError(ValueError):
