@@ -68,34 +68,37 @@ def _started_by_a_command() -> bool:
     getframe = getattr(sys, "_getframe", None)
     if getframe is None:  # not CPython: register eagerly, as always
         return False
-    command_package = f"{__name__}.cli"
-    target = None
+    target = None  # the outermost module importlib is loading in this chain of imports
     frame = getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if frame.f_code.co_filename.startswith("<frozen importlib") or module.startswith("importlib"):
-            name = frame.f_locals.get("name") if frame.f_code.co_name == "_find_and_load" else None
-            target = name if isinstance(name, str) else target
+            if frame.f_code.co_name == "_find_and_load":
+                target = frame.f_locals.get("name", target)
         elif module == "runpy":
-            name = frame.f_locals.get("mod_name")
-            target = name if isinstance(name, str) else target
-            if target == command_package or str(target).startswith(command_package + "."):
+            if _is_command_module(frame.f_locals.get("mod_name")):
                 return True
         elif module != __name__:
-            return module == "__main__" and target is not None and (
-                target == command_package or target.startswith(command_package + ".")
-            )
+            return module == "__main__" and _is_command_module(target)
         frame = frame.f_back
     return False
+
+
+def _is_command_module(name: object) -> bool:
+    return isinstance(name, str) and (name == f"{__name__}.cli" or name.startswith(f"{__name__}.cli."))
+
+
+def _import_name(name: str) -> Any:
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    register_auto_classes()
-    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
-    globals()[name] = value
-    return value
+    register_auto_classes()  # a command process: the first use of a class is where the Auto classes are needed
+    return _import_name(name)
 
 
 def __dir__() -> list[str]:
@@ -104,7 +107,9 @@ def __dir__() -> list[str]:
 
 if not _started_by_a_command():
     register_auto_classes()
-    globals().update({name: __getattr__(name) for name in _LAZY_NAMES})
+    for _name in _LAZY_NAMES:
+        _import_name(_name)
+    del _name
 
 __all__ = [
     "GatedCrossAttentionBlock",
