@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from .parsing import (
-    HelpFormatter,
     OneLineArgumentParser,
     UsageError,
     check_hub_reachable,
@@ -530,19 +529,15 @@ for what each command does and its options.
 def build_parser() -> OneLineArgumentParser:
     from .. import __version__
 
-    parser = OneLineArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="<command>")
 
-    generate = commands.add_parser(
-        "generate", help=GENERATE_HELP, description=GENERATE_DESCRIPTION, formatter_class=HelpFormatter
-    )
+    generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_DESCRIPTION)
     _add_generate_arguments(generate)
     generate.set_defaults(run=run_generate, parser=generate)
 
-    releases = commands.add_parser(
-        "releases", help=RELEASES_HELP, description=RELEASES_DESCRIPTION, formatter_class=HelpFormatter
-    )
+    releases = commands.add_parser("releases", help=RELEASES_HELP, description=RELEASES_DESCRIPTION)
     releases.add_argument("--json", action="store_true", help="Print the releases as JSON (all fields).")
     releases.set_defaults(run=run_releases, parser=releases)
 
