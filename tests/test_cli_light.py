@@ -203,8 +203,10 @@ def unreachable_hub(tmp_path):
          "openflamingo-export"),
         (["-m", "openflamingo_hf.cli.train", "--model_name_or_path", "fake-org/no-such-model", "--finetune_data",
           "DATA", "--output_dir", "OUT"], "openflamingo-train"),
+        (["-m", "openflamingo_hf.cli.eval", "--model", "fake-org/no-such-model", "--eval_vqav2", "--vqav2_dataset",
+          "OUT"], "openflamingo-eval"),
     ],
-    ids=["generate", "export", "train"],
+    ids=["generate", "export", "train", "eval"],
 )
 def test_unreachable_hub_id_fails_fast_in_one_line(argv, prog, unreachable_hub, tmp_path):
     (tmp_path / "data.jsonl").write_text('{"prompt": "<image>Q", "answer": "A", "images": []}\n')
