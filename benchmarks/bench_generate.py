@@ -23,7 +23,7 @@ import torch
 
 import openflamingo_hf  # noqa: F401
 from openflamingo_hf import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
-from openflamingo_hf.tiny_models import TINY_MEDIA_TOKEN_ID, tiny_openflamingo_config
+from openflamingo_hf.tiny_models import tiny_openflamingo_config
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> OpenFlamingoForConditionalGeneration:

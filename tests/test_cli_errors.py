@@ -15,10 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf import OpenFlamingoForConditionalGeneration, OpenFlamingoProcessor
-from openflamingo_hf.convert import cli as convert_cli
+from openflamingo_hf.cli import convert as convert_cli
 from openflamingo_hf.convert import export_original_state_dict
 from openflamingo_hf.hub import ExportError, export_for_hub
-from openflamingo_hf.hub import main as export_main
+from openflamingo_hf.cli.export import main as export_main
 from openflamingo_hf.processing.processing_openflamingo import default_image_processor
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, build_tiny_tokenizer
 from openflamingo_hf.tiny_models import tiny_openflamingo_config, tiny_text_config

@@ -165,6 +165,16 @@ def test_build_generation_inputs(tiny, fake_embedded):
     assert rows == [tiny.images[:1]] and prompts == ["<image>Output:"]
     rows, prompts, labels = build_generation_inputs(processor, ["a.png", "b.png"], "x")
     assert rows == [["a.png", "b.png"]] and prompts == ["x"] and labels is None
+    # A prompt without an <image> marker is text only: no sample image is added (the help says the first N, N = the
+    # number of markers).
+    rows, prompts, labels = build_generation_inputs(processor, None, "hello")
+    assert rows == [[]] and prompts == ["hello"] and labels is None
+
+
+def test_generate_text_only_prompt(tiny, fake_embedded, capsys):
+    out, _ = run_cli(["generate", "--prompt", "Output:a cat", "--max_new_tokens", "3", "--device", "cpu"], capsys)
+    (expected,) = reference_answers(tiny, [[]], ["Output:a cat"], max_new_tokens=3)
+    assert out == expected + "\n"
 
 
 def test_generate_marker_image_mismatch(tiny, capsys, no_model_loads):
@@ -193,8 +203,12 @@ def test_generate_bad_images(tmp_path, tiny, capsys, no_model_loads):
     assert "missing.png: no such file" in err
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    err = usage_error(["generate", "--model", tiny.dir, "--image", str(broken), "--prompt", "<image>"], capsys)
-    assert "broken.png" in err and "not a readable image file" in err
+    err = usage_error(["generate", "--model", tiny.dir, "--image", tiny.images[0], "--image", str(broken),
+                       "--prompt", "<image><image>"], capsys)
+    # The user's argument (its path and position), not a slot of the prompt the command builds; nothing suggested
+    # that the command refuses (URLs, PIL images).
+    assert f"--image {broken} (--image number 2) is not a readable image file" in err
+    assert "URL" not in err and "PIL" not in err and "Sample" not in err
 
 
 @pytest.mark.parametrize(
@@ -282,8 +296,8 @@ def test_passthrough_help(name, text, capsys):
 
 
 def test_passthrough_errors_and_standalone_names(capsys):
-    from openflamingo_hf.convert.cli import build_parser as convert_parser
-    from openflamingo_hf.hub import build_parser as export_parser
+    from openflamingo_hf.cli.convert import build_parser as convert_parser
+    from openflamingo_hf.cli.export import build_parser as export_parser
 
     err = usage_error(["export", "--model", "m"], capsys, prefix="openflamingo export: error:")
     assert "--output" in err
@@ -306,7 +320,7 @@ def test_module_entry_point_and_light_import():
     """`python -m openflamingo_hf.cli` runs the command, and importing the command module loads no subcommand."""
     code = (
         "import sys, openflamingo_hf.cli.main; "
-        "heavy = [m for m in ('openflamingo_hf.convert.cli', 'openflamingo_hf.cli.train', 'openflamingo_hf.releases', "
+        "heavy = [m for m in ('openflamingo_hf.cli.convert', 'openflamingo_hf.cli.train', 'openflamingo_hf.releases', "
         "'openflamingo_hf.embedded', 'openflamingo_hf.trainer') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ from openflamingo_hf.convert import (
     export_original_state_dict,
     infer_cross_attn_every_n_layers,
 )
-from openflamingo_hf.convert.cli import main
+from openflamingo_hf.cli.convert import main
 from openflamingo_hf.modeling.configuration_mosaic_gpt import MosaicGPTConfig
 from openflamingo_hf.processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
 from openflamingo_hf.releases import RELEASES, get_release_config
@@ -316,7 +315,7 @@ def test_9b_layout_uses_mpt_names_both_ways():
 def test_9b_released_checkpoint_with_mpt_7b_as_base(tmp_path):
     """The released checkpoint.pt (trainable-only) completed by MPT-7B as published: transformers' MptForCausalLM
     (MPT names, a tied lm_head, 8 more embedding rows), given as a module or loaded the way the CLI loads it."""
-    from openflamingo_hf.convert.cli import load_language_model
+    from openflamingo_hf.convert.release_conversion import load_language_model
 
     model = build("mpt7b")
     checkpoint = export_original_state_dict(model, full=False)
@@ -583,9 +582,46 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
 
 
+def test_attention_sizes_are_read_from_the_checkpoint():
+    """Head counts (query width / head width) and feed-forward multipliers of the Perceiver and the gated blocks come
+    from the shapes, so a checkpoint with non-default sizes converts without overrides of them."""
+    from openflamingo_hf.convert.release_conversion import _infer_attention_sizes
+
+    config = tiny_openflamingo_config("llama", perceiver_num_heads=3, perceiver_head_dim=16, perceiver_ff_mult=2,
+                                      cross_attn_num_heads=5, cross_attn_head_dim=8, cross_attn_ff_mult=3)
+    state_dict = export_original_state_dict(OpenFlamingoForConditionalGeneration(config))
+    head_dims = {"perceiver_head_dim": 16, "cross_attn_head_dim": 8}
+    assert _infer_attention_sizes(state_dict, head_dims) == {
+        "perceiver_num_heads": 3, "perceiver_ff_mult": 2, "cross_attn_num_heads": 5, "cross_attn_ff_mult": 3,
+    }
+    # Given overrides win over what the shapes say.
+    assert "perceiver_num_heads" not in _infer_attention_sizes(state_dict, {**head_dims, "perceiver_num_heads": 1})
+
+
+def test_cli_converts_non_default_sizes_and_names_the_override_it_cannot_infer(tmp_path, capsys):
+    model, _, args = write_local_release(tmp_path, "gpt_neox")
+    # Only the head widths (not in the shapes): the head counts come from the checkpoint.
+    index = args.index("--config-overrides")
+    args[index + 1] = json.dumps({"perceiver_head_dim": 16, "cross_attn_head_dim": 16})
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    loaded = OpenFlamingoForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert (loaded.config.perceiver_num_heads, loaded.config.cross_attn_num_heads) == (2, 2)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    # Without them, the default head width (64) does not divide the tiny model's 32-wide attention: one short line
+    # that says which overrides to pass, instead of a list of every mismatched tensor.
+    del args[index : index + 2]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--output", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and len(err) < 400, err
+    assert "perceiver_head_dim and perceiver_num_heads" in err
+
+
 def test_cli_help_lists_every_release():
-    script = Path(sys.executable).with_name("openflamingo-convert")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "openflamingo_hf.convert.cli"]
+    command = [sys.executable, "-m", "openflamingo_hf.cli.convert"]  # the console script may be another checkout's
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=True)
     help_text = result.stdout
     for name, release in RELEASES.items():

@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, Trainer, TrainingArguments
-from transformers.cache_utils import DynamicCache
 
 import openflamingo_hf  # noqa: F401  (registers the Auto classes)
 from openflamingo_hf import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration

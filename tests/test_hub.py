@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -13,6 +12,7 @@ import site
 import subprocess
 import sys
 import textwrap
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, pipeline
 
 import openflamingo_hf
 from openflamingo_hf import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, OpenFlamingoProcessor
-from openflamingo_hf.hub import CODE_FILES, ExportError, export_for_hub, main, push_export_to_hub
+from openflamingo_hf.cli.export import main
+from openflamingo_hf.hub import CODE_FILES, ExportError, export_for_hub, push_export_to_hub
 from openflamingo_hf.pipeline_openflamingo import OpenFlamingoPipeline
 from openflamingo_hf.testing_utils import build_tiny_model_and_processor, make_image
 from openflamingo_hf.tiny_models import tiny_openflamingo_config, tiny_text_config
@@ -547,9 +548,9 @@ def test_model_and_processor_must_agree(llama, tmp_path):
 
 
 def test_cli(llama, tmp_path, capsys, hub_calls):
-    scripts = importlib.metadata.entry_points(group="console_scripts")
-    (entry_point,) = [e for e in scripts if e.name == "openflamingo-export"]
-    assert entry_point.value == "openflamingo_hf.hub:main"
+    # The entry point as pyproject.toml declares it (the installed metadata may come from another checkout).
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["openflamingo-export"] == "openflamingo_hf.cli.export:main"
 
     model, processor = llama
     source = tmp_path / "converted"

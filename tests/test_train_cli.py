@@ -1,7 +1,6 @@
 """`openflamingo-train` end to end: tiny backbones saved to folders, generated shards of both kinds, a learnable task."""
 
 import json
-import tarfile
 import warnings
 
 import numpy as np
@@ -279,3 +278,18 @@ def test_saved_tokenizer_keeps_no_training_padding_or_truncation(run, workdir, f
                            return_tensors="pt")
     assert not [str(warning.message) for warning in caught if "max_length" in str(warning.message)]
     assert inputs["input_ids"].shape[0] == 2
+
+
+def test_the_last_line_names_the_default_output_folder(finetune_base, tmp_path, capsys, monkeypatch):
+    """Without --output_dir the model goes to TrainingArguments' default folder, relative to the working folder: the
+    last line gives its absolute path, and the model is there."""
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": str(finetune_base / "red.png"), "caption": "x"}) + "\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    main(["--model_name_or_path", str(finetune_base / "model"), "--finetune_data", str(tmp_path / "data.jsonl"),
+          "--use_cpu", "--report_to", "none", "--max_steps", "1", "--per_device_train_batch_size", "1",
+          "--disable_tqdm", "true", "--save_strategy", "no"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    (written,) = [path for path in run_dir.iterdir() if (path / "config.json").is_file()]
+    assert last == f"openflamingo-train: wrote the model and processor to {written}."

@@ -1,5 +1,7 @@
 """Export an OpenFlamingo model and its processor as a self-contained Hugging Face Hub folder, and push it.
 
+The command `openflamingo-export` (module `openflamingo_hf.cli.export`) runs `export_for_hub` and `push_export_to_hub`:
+
     openflamingo-export --model ./OpenFlamingo-9B-hf --output ./OpenFlamingo-9B-hub            # remote-code folder
     openflamingo-export --model ./OpenFlamingo-9B-hf --output ./plain --no-remote-code         # needs openflamingo_hf
 
@@ -22,23 +24,21 @@ remote-code save too.
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedModel, ProcessorMixin
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from .cli.parsing import OneLineErrorParser
+
+if TYPE_CHECKING:  # the functions take models and processors; importing their classes would import torch
+    from transformers import PreTrainedModel, ProcessorMixin
 
 PACKAGE = "openflamingo_hf"
 
@@ -161,7 +161,7 @@ def export_for_hub(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Output folders (shared with openflamingo-convert)
+# Output folders (shared with the conversion)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -441,129 +441,11 @@ def push_export_to_hub(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExportArguments:
-    """Arguments of `openflamingo-export`."""
-
-    model: str = field(
-        metadata={
-            "help": "Folder or Hub id of an OpenFlamingo model in transformers format (e.g. the output of "
-            "openflamingo-convert); loaded with AutoModelForImageTextToText in its saved dtype."
-        }
-    )
-    output: str = field(metadata={"help": "Folder to write the Hub folder to (must not exist or be empty)."})
-    processor: str | None = field(
-        default=None, metadata={"help": "Folder or Hub id of the processor, if it is not saved with the model."}
-    )
-    remote_code: bool = field(
-        default=True,
-        metadata={
-            "help": "Ship the model code and auto_map so the folder loads with trust_remote_code=True where "
-            "openflamingo_hf is not installed. --no-remote-code writes a plain save_pretrained folder instead."
-        },
-    )
-    max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors file, e.g. 5GB or 500MB."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace everything in a non-empty output folder."})
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "After exporting, upload the folder to this Hub repository (org/name)."}
-    )
-    private: bool = field(default=False, metadata={"help": "With --push-to-hub: create the repository private."})
-
-
-def build_parser() -> OneLineErrorParser:
-    return OneLineErrorParser(
-        ExportArguments,
-        prog="openflamingo-export",
-        description="Load an OpenFlamingo model and its processor, write a Hub folder, optionally push it.",
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """
-    Entry point of `openflamingo-export`: 0 on success. A problem with the arguments or the export is one
-    `openflamingo-export: error: ...` line on stderr and exit status 2; the arguments are checked before the model
-    is loaded.
-    """
-    parser = build_parser()
-    args = parser.parse_command_line(argv)
-    try:
-        _check_model_source("--model", args.model, needs_config=True)
-        if args.processor:
-            _check_model_source("--processor", args.processor, needs_config=False)
-        check_output_dir(Path(args.output), args.overwrite)
-        model, processor = _load_model_and_processor(args)
-        folder = export_for_hub(
-            model,
-            processor,
-            args.output,
-            remote_code=args.remote_code,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    except ExportError as error:
-        parser.error(str(error))
-    print(f"Wrote {folder} ({'remote code' if args.remote_code else 'plain'}):")
-    for path in sorted(folder.iterdir()):
-        print(f"  {path.name}")
-    if args.push_to_hub:
-        info = push_export_to_hub(folder, args.push_to_hub, private=args.private or None)
-        print(f"Pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
-    return 0
-
-
-def _check_model_source(option: str, source: str, *, needs_config: bool) -> None:
-    """
-    A local folder must exist (and, for the model, hold config.json); anything else must at least look like a Hub
-    repo id, so that a mistyped path fails here and not after a download attempt.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = Path(source)
-    if path.is_dir():
-        if needs_config and not (path / CONFIG_FILE).is_file():
-            raise ExportError(
-                f"{option} {source} has no {CONFIG_FILE}, so it is not a transformers model folder. Give the output "
-                "folder of openflamingo-convert (or of save_pretrained)."
-            )
-        return
-    if path.exists():
-        raise ExportError(f"{option} {source} is a file; give a model folder or a Hub repo id (org/name).")
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise ExportError(f"{option} {source}: no such folder, and not a Hub repo id (org/name) either.") from None
-
-
-def _load_model_and_processor(args: ExportArguments) -> tuple[PreTrainedModel, ProcessorMixin]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    importlib.import_module(PACKAGE)  # registers OpenFlamingo with the Auto classes
-    option, source = "--model", args.model
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto")
-        option, source = ("--processor", args.processor) if args.processor else (option, source)
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError) as error:  # missing files, unknown model type, Hub errors: the message says which
-        raise ExportError(f"{option} {source} could not be loaded ({type(error).__name__}: {error}).") from error
-    return model, processor
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
-    "ExportArguments",
     "ExportError",
-    "OneLineErrorParser",
     "check_output_dir",
     "export_for_hub",
-    "main",
     "push_export_to_hub",
     "staged_output_dir",
+    "unwritable_location",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
 from ..eval.evaluate import EVAL_TASKS
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
-from .parsing import require_extra
+from .parsing import check_hub_reachable, check_model_source, require_extra
 
 PROG = "openflamingo-eval"
 
@@ -112,8 +112,9 @@ def _use_embedded_world(args: EvalArguments, datasets) -> None:
 def _load_model(args: EvalArguments):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import openflamingo_hf  # noqa: F401  (registers the Auto classes)
+    from .. import register_auto_classes
 
+    register_auto_classes()
     source = args.model
     if source is None:
         from ..embedded import EMBEDDED_MODEL_DIR
@@ -137,6 +138,9 @@ def run(args: EvalArguments, datasets) -> dict:
     if args.embedded_world:
         _use_embedded_world(args, datasets)
     names = selected_benchmarks(args, datasets)
+    if args.model is not None:
+        check_model_source("--model", args.model)
+        check_hub_reachable("--model", args.model)
     published = published_scores(args.compare_to_release) if args.compare_to_release else None
     values = dataclasses.asdict(datasets)
     loaded = {name: load_benchmark_data(name, values) for name in names}  # malformed files fail before the model

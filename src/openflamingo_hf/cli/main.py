@@ -24,24 +24,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .parsing import OneLineArgumentParser, UsageError, check_model_source, command_name, require_extra
+from .parsing import (
+    OneLineArgumentParser,
+    UsageError,
+    check_hub_reachable,
+    check_model_source,
+    command_name,
+    require_extra,
+)
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 PROG = "openflamingo"
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the descriptions' own line breaks (examples, lists)."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32, width=min(_terminal_width(), 118))
-
-
-def _terminal_width() -> int:
-    try:
-        return os.get_terminal_size().columns - 2
-    except OSError:
-        return 118
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -50,13 +43,13 @@ def _terminal_width() -> int:
 
 
 def _convert_main(argv: list[str]) -> int:
-    from ..convert.cli import main
+    from .convert import main
 
     return main(argv)
 
 
 def _export_main(argv: list[str]) -> int:
-    from ..hub import main
+    from .export import main
 
     return main(argv)
 
@@ -74,12 +67,8 @@ def _eval_main(argv: list[str]) -> int:
 
 
 def _serve_main(argv: list[str]) -> int:
-    try:
-        from .serve import main
-    except ImportError as error:  # transformers' serving code is missing (too old a transformers)
-        print(f"{PROG} serve: error: transformers' serving code cannot be imported ({error}); install transformers "
-              ">= 5.25 and the serve extra: pip install 'openflamingo-hf[serve]'.", file=sys.stderr)
-        return 2
+    from .serve import main
+
     return main(argv)
 
 
@@ -121,7 +110,8 @@ Defaults, so that the command runs out of the box:
   --model   the small model shipped with the package (trained on its own toy world of coloured shapes); with
             --video, its video variant (frame embeddings; captions clips of a moving shape, e.g. "one red circle
             moving left.").
-  --image   the bundled sample images. With --prompt: the first N of them, N = the number of <image> markers.
+  --image   the bundled sample images. With --prompt: the first N of them, N = the number of <image> markers
+            (a prompt without a marker is text only).
   --prompt  few-shot captioning (openflamingo_hf.embedded.default_caption_prompt, built with the processor's
             few_shot_prompt): the bundled sample images with their captions are the demonstrations, and
             - without --image, the last sample image is the query;
@@ -225,10 +215,27 @@ def _check_generation_arguments(args: argparse.Namespace) -> None:
             if os.path.isdir(path):
                 kind = "an image" if option == "--image" else "a video"
                 raise UsageError(f"{option} {path} is a folder; give {kind} file.")
+    for position, path in enumerate(args.image or [], start=1):
+        _check_image_file(path, position)
     if args.num_frames is not None and args.num_frames < 1:
         raise UsageError(f"--num_frames must be at least 1, got {args.num_frames}.")
     if args.video:
         require_extra("video", ["av"], "--video (video files are read with PyAV)")
+
+
+def _check_image_file(path: str, position: int) -> None:
+    """The `position`-th --image must be an image file PIL can read: checked here, so that the message names the
+    argument (the processor only knows the image's slot in the prompt it builds)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # reads the whole file: truncated data fails here, not half-way through generation
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UsageError(
+            f"--image {path} (--image number {position}) is not a readable image file ({error}); give a PNG, JPEG, "
+            "GIF, BMP or WebP file."
+        ) from None
 
 
 def _resolve_device(requested: str | None) -> str:
@@ -269,13 +276,14 @@ def _sample_image_paths() -> list[str]:
     return samples
 
 
-def _check_model_source(source: str, *, default: bool) -> None:
+def _check_generate_model(source: str, *, default: bool) -> None:
     """The shipped model folder when `default` (it must hold config.json), else `--model` as any command checks it:
     an existing model folder or a Hub repo id (`check_model_source`)."""
     from pathlib import Path
 
     if not default:
         check_model_source("--model", source)
+        check_hub_reachable("--model", source)
     elif not (Path(source) / "config.json").is_file():
         missing = "has no config.json" if Path(source).is_dir() else "is missing"
         raise UsageError(f"the shipped model folder {source} {missing} (the package was installed without it); "
@@ -303,7 +311,7 @@ def build_generation_inputs(
                     f"the prompt has {num_markers} <image> markers but only {len(samples)} sample images are bundled; "
                     "pass the images with --image."
                 )
-            images = samples[:num_markers] if num_markers else samples
+            images = samples[:num_markers]  # no marker: a text-only prompt, no image
         return [list(images)], [prompt], None
 
     samples = _sample_image_paths()
@@ -378,12 +386,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     # The shipped default for videos is its video variant (frame embeddings, trained on the world's clips).
     shipped = _embedded().EMBEDDED_VIDEO_MODEL_DIR if args.video else _embedded().EMBEDDED_MODEL_DIR
     source = shipped if default_model else args.model
-    _check_model_source(str(source), default=default_model)
+    _check_generate_model(str(source), default=default_model)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import openflamingo_hf  # noqa: F401  (registers OpenFlamingo with the Auto classes)
+    from .. import register_auto_classes
 
+    register_auto_classes()
     option = "the shipped model" if default_model else f"--model {source}"
     try:
         processor = AutoProcessor.from_pretrained(source)
@@ -514,19 +523,15 @@ for what each command does and its options.
 def build_parser() -> OneLineArgumentParser:
     from .. import __version__
 
-    parser = OneLineArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="<command>")
 
-    generate = commands.add_parser(
-        "generate", help=GENERATE_HELP, description=GENERATE_DESCRIPTION, formatter_class=_HelpFormatter
-    )
+    generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_DESCRIPTION)
     _add_generate_arguments(generate)
     generate.set_defaults(run=run_generate, parser=generate)
 
-    releases = commands.add_parser(
-        "releases", help=RELEASES_HELP, description=RELEASES_DESCRIPTION, formatter_class=_HelpFormatter
-    )
+    releases = commands.add_parser("releases", help=RELEASES_HELP, description=RELEASES_DESCRIPTION)
     releases.add_argument("--json", action="store_true", help="Print the releases as JSON (all fields).")
     releases.set_defaults(run=run_releases, parser=releases)
 

@@ -7,7 +7,7 @@
     # Fine-tuning a trained model on a JSONL of examples, with LoRA.
     openflamingo-train --model_name_or_path ./OpenFlamingo-3B-hf --finetune_data data.jsonl --lora --output_dir ft
 
-Shards may hold videos in place of images (conventions in `openflamingo_hf.trainer.data`); each video takes one media
+Shards may hold videos in place of images (conventions in `openflamingo_hf.trainer.shard_reading`); each video takes one media
 slot of `--num_frames` frames sampled uniformly. To tell the order of the frames the model needs learned frame
 embeddings: from backbones, add `"perceiver_max_num_frames": N` to --config_overrides.
 
@@ -24,13 +24,12 @@ openflamingo_hf.cli.train ...`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ..trainer.training_args import OpenFlamingoTrainingArguments
-from .parsing import UsageError, check_model_source, require_extra
+from .parsing import UsageError, check_hub_reachable, check_model_source, parse_config_overrides, require_extra
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 
 # Light at import: models, datasets and peft are imported when a run starts.
@@ -177,13 +176,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                          f"{data_args.shuffle_buffer_size}.")
     if data_args.num_frames is not None and data_args.num_frames < 1:
         raise UsageError(f"--num_frames must be at least 1 (frames per video), got {data_args.num_frames}.")
-    parse_config_overrides(model_args.config_overrides)
-    if model_args.model_name_or_path:
-        check_model_source("--model_name_or_path", model_args.model_name_or_path)
-    for option, source in (("--vision_model", model_args.vision_model), ("--language_model", model_args.language_model),
-                           ("--tokenizer", model_args.tokenizer)):
-        if source:
-            check_model_source(option, source, needs_config=option != "--tokenizer")
+    parse_config_overrides(model_args.config_overrides, "--config_overrides")
+    for option, source in model_sources(model_args):
+        check_model_source(option, source, needs_config=option != "--tokenizer")
     if model_args.threads is not None and model_args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {model_args.threads}.")
     if model_args.lora:
@@ -195,24 +190,15 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             raise UsageError(f"--lora_targets {model_args.lora_targets}: {error}") from None
     if data_args.finetune_data and not os.path.isfile(data_args.finetune_data):
         raise UsageError(f"--finetune_data {data_args.finetune_data}: no such file (a JSONL of examples).")
+    for option, source in model_sources(model_args):  # last: it may ask the Hub
+        check_hub_reachable(option, source)
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    from ..modeling.configuration_openflamingo import OpenFlamingoConfig
-
-    if not text:
-        return {}
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--config_overrides is not valid JSON ({error}).") from error
-    if not isinstance(overrides, dict):
-        raise UsageError("--config_overrides must be a JSON object of OpenFlamingoConfig fields.")
-    known = {f.name for f in fields(OpenFlamingoConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UsageError(f"--config_overrides: unknown OpenFlamingoConfig fields {unknown}.")
-    return overrides
+def model_sources(model_args: ModelArguments) -> list[tuple[str, str]]:
+    """(option, folder or Hub id) of every model, tokenizer or backbone the run loads."""
+    options = ("--model_name_or_path", "--vision_model", "--language_model", "--tokenizer")
+    values = (model_args.model_name_or_path, model_args.vision_model, model_args.language_model, model_args.tokenizer)
+    return [(option, value) for option, value in zip(options, values) if value]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -225,10 +211,10 @@ def load_processor(model_args: ModelArguments):
     processor (OpenAI CLIP preprocessing when its folder has none). Loaded before the data, the model after it."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    import openflamingo_hf  # noqa: F401  (registers the Auto classes)
-
+    from .. import register_auto_classes
     from ..processing.processing_openflamingo import OpenFlamingoProcessor, default_image_processor
 
+    register_auto_classes()
     if model_args.model_name_or_path:
         return AutoProcessor.from_pretrained(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model)
@@ -253,7 +239,7 @@ def load_model(model_args: ModelArguments, processor):
         model_args.language_model,
         cross_attn_every_n_layers=model_args.cross_attn_every_n_layers,
         processor=processor,
-        **parse_config_overrides(model_args.config_overrides),
+        **parse_config_overrides(model_args.config_overrides, "--config_overrides"),
     )
 
 
@@ -374,8 +360,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final(trainer, model_args, training_args.output_dir)
     if trainer.is_world_process_zero():
-        adapter = f"; the LoRA adapter in {os.path.join(training_args.output_dir, 'adapter')}" if model_args.lora else ""
-        print(f"openflamingo-train: wrote the model and processor to {training_args.output_dir}{adapter}.")
+        # The absolute path: without --output_dir it is TrainingArguments' default, relative to the working folder.
+        output_dir = os.path.abspath(training_args.output_dir)
+        adapter = f"; the LoRA adapter in {os.path.join(output_dir, 'adapter')}" if model_args.lora else ""
+        print(f"openflamingo-train: wrote the model and processor to {output_dir}{adapter}.")
     return trainer
 
 
