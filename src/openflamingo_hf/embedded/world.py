@@ -3,9 +3,12 @@ A small procedural image-text world, drawn with PIL: the data the embedded OpenF
 
 Each image shows one to three shapes of one kind and one colour, scattered on a noisy light background:
 
-    caption   "two red circles."          question "What color are the shapes?"  answer "red"
-                                           question "What shape are they?"        answer "circle"
+    caption   "two red circles."          question "What color is the shape?"    answer "red"
+                                           question "What shape is it?"           answer "circle"
                                            question "How many shapes are there?"  answer "two"
+
+Training documents write captions bare (as the recipe's pairs do) and in the released models' prompt
+(`Output:two red circles.`), and questions in their VQA prompt (`Question:What shape is it? Short answer:circle`).
 
 The tag task has no instruction: a tag lists the shape, colour and count in one of several formats (`FORMATS`), and
 only the demonstrations of a prompt say which one to use (in-context learning):
