@@ -3,14 +3,22 @@
     python examples/train_embedded.py --output_dir ./embedded-run
     cp ./embedded-run/model/* src/openflamingo_hf/embedded/model/           # ship it (what the package holds)
 
+    # or fine-tune the shipped model on freshly drawn shards (stages 4-6 only):
+    python examples/train_embedded.py --init_from src/openflamingo_hf/embedded/model --flamingo_steps 150 \
+        --learning_rate 5e-4 --warmup_steps 15 --num_pairs 2000 --num_documents 1500 --seed 1 --output_dir ./ft
+
 1. A byte-level BPE tokenizer on the world's text.
 2. A CLIP-style vision tower: transformers' `CLIPModel` (tiny), trained contrastively on world images and captions.
 3. A tiny causal LM (Llama-style, tied embeddings) trained on image-free world documents.
 4. Both frozen; the Perceiver, the gated cross-attention blocks and the `<image>` / `<|endofchunk|>` embedding rows
    trained by `openflamingo-train` on pair shards and interleaved-document shards of the world (the recipe).
 5. The model and processor alone (no optimizer or trainer state, no local paths) saved to `OUTPUT_DIR/model`.
-6. Held-out evaluation of that folder: exact captions, short VQA answers, and tag-format following with 4 vs 0
-   demonstrations (`openflamingo_hf.embedded.evaluate_embedded`).
+6. Held-out evaluation of that folder: exact captions (bare `<image>`, and the released models' `Output:` prompt zero-
+   and few-shot), short VQA answers, and tag-format following with 4 vs 0 demonstrations
+   (`openflamingo_hf.embedded.evaluate_embedded`).
+
+With `--init_from MODEL_DIR` only stages 4-6 run, from that OpenFlamingo folder (its frozen backbones and tokenizer
+kept): a fine-tune on freshly drawn shards, e.g. after a change of the documents' mix.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from openflamingo_hf.cpu_threads import THREADS_HELP, set_cpu_threads
 from openflamingo_hf.embedded import evaluate_embedded
 from openflamingo_hf.embedded.world import make_examples, text_corpus, write_world_shards
 
@@ -136,23 +145,29 @@ def train_language_model(tokenizer, num_documents: int, steps: int, batch_size: 
     return model.eval()
 
 
-def train_openflamingo(output_dir: str, vision_dir: str, lm_dir: str, shards: dict, args) -> str:
-    """Stage 4: the recipe through `openflamingo-train`, backbones frozen."""
+def train_openflamingo(output_dir: str, model_source: list[str], shards: dict, args) -> str:
+    """Stage 4: the recipe through `openflamingo-train`, backbones frozen. `model_source` names what it starts from:
+    the backbones (a new OpenFlamingo) or, to fine-tune, an OpenFlamingo folder (`--model_name_or_path`)."""
     from openflamingo_hf.cli.train import main as openflamingo_train
 
     run_dir = os.path.join(output_dir, "openflamingo")
     openflamingo_train([
-        "--vision_model", vision_dir, "--language_model", lm_dir, "--cross_attn_every_n_layers", "1",
-        "--config_overrides", json.dumps(FLAMINGO),
+        *model_source,
         "--laion_shards", shards["pairs"], "--mmc4_shards", shards["docs"],
         "--batch_size_laion", "32", "--batch_size_mmc4", "8", "--loss_multiplier_laion", "0.5",
         "--laion_max_length", "24", "--mmc4_max_length", "128", "--mmc4_max_num_images", "6",
-        "--max_steps", str(args.flamingo_steps), "--learning_rate", "1e-3", "--warmup_steps", "100",
-        "--lr_scheduler_type", "cosine", "--weight_decay", "0.1", "--logging_steps", "50",
-        "--dataloader_num_workers", "1", "--seed", str(args.seed), "--use_cpu", "--report_to", "none",
-        "--save_strategy", "no", "--output_dir", run_dir, "--disable_tqdm", "false",
+        "--max_steps", str(args.flamingo_steps), "--learning_rate", str(args.learning_rate),
+        "--warmup_steps", str(args.warmup_steps), "--lr_scheduler_type", "cosine", "--weight_decay", "0.1",
+        "--logging_steps", "50", "--dataloader_num_workers", "1", "--seed", str(args.seed), "--use_cpu",
+        "--report_to", "none", "--save_strategy", "no", "--output_dir", run_dir, "--disable_tqdm", "false",
     ])
     return run_dir
+
+
+def backbones_source(vision_dir: str, lm_dir: str) -> list[str]:
+    """`openflamingo-train` options for a new OpenFlamingo around the trained backbones."""
+    return ["--vision_model", vision_dir, "--language_model", lm_dir, "--cross_attn_every_n_layers", "1",
+            "--config_overrides", json.dumps(FLAMINGO)]
 
 
 def export_model(run_dir: str, model_dir: str) -> str:
@@ -171,20 +186,9 @@ def export_model(run_dir: str, model_dir: str) -> str:
     return model_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="embedded-run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision_steps", type=int, default=1500)
-    parser.add_argument("--lm_steps", type=int, default=1500)
-    parser.add_argument("--flamingo_steps", type=int, default=1500)
-    parser.add_argument("--num_pairs", type=int, default=20000)
-    parser.add_argument("--num_documents", type=int, default=6000)
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    start, timings = time.time(), {}
-    os.makedirs(args.output_dir, exist_ok=True)
-
+def train_backbones(args, timings: dict) -> list[str]:
+    """Stages 1-3: tokenizer, vision tower and language model; returns the `openflamingo-train` options that start
+    from them."""
     tokenizer = train_tokenizer(text_corpus(3000, args.seed + 3) + [e.caption for e in make_examples(500, 5, False)],
                                 vocab_size=320)
     lm_dir, vision_dir = os.path.join(args.output_dir, "lm"), os.path.join(args.output_dir, "vision")
@@ -198,6 +202,37 @@ def main() -> None:
     stage = time.time()
     train_language_model(tokenizer, 20000, args.lm_steps, 32, args.seed).save_pretrained(lm_dir)
     timings["language_model"] = time.time() - stage
+    return backbones_source(vision_dir, lm_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="embedded-run")
+    parser.add_argument("--init_from", default=None,
+                        help="An OpenFlamingo folder (e.g. src/openflamingo_hf/embedded/model) to fine-tune: skips "
+                             "stages 1-3 and runs the recipe from it, backbones frozen as before.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision_steps", type=int, default=1500)
+    parser.add_argument("--lm_steps", type=int, default=1500)
+    parser.add_argument("--flamingo_steps", type=int, default=1500)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--warmup_steps", type=int, default=100)
+    parser.add_argument("--num_pairs", type=int, default=20000)
+    parser.add_argument("--num_documents", type=int, default=6000)
+    parser.add_argument("--eval_examples", type=int, default=200, help="Held-out examples of the final evaluation.")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    args = parser.parse_args(argv)
+    if args.init_from and not os.path.isfile(os.path.join(args.init_from, "config.json")):
+        parser.error(f"--init_from {args.init_from}: no config.json there; give an OpenFlamingo model folder.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_cpu_threads(args.threads)
+    start, timings = time.time(), {}
+    os.makedirs(args.output_dir, exist_ok=True)
+    model_source = ["--model_name_or_path", args.init_from] if args.init_from else train_backbones(args, timings)
 
     stage = time.time()
     shards = write_world_shards(os.path.join(args.output_dir, "shards"), args.num_pairs, args.num_documents,
@@ -205,11 +240,11 @@ def main() -> None:
     timings["shards"] = time.time() - stage
 
     stage = time.time()
-    run_dir = train_openflamingo(args.output_dir, vision_dir, lm_dir, shards, args)
+    run_dir = train_openflamingo(args.output_dir, model_source, shards, args)
     timings["openflamingo"] = time.time() - stage
 
     model_dir = export_model(run_dir, os.path.join(args.output_dir, "model"))
-    scores = evaluate_embedded(model_dir)  # held-out seeds: never in the training data
+    scores = evaluate_embedded(model_dir, num_examples=args.eval_examples)  # held-out seeds: never in the training data
     timings["total"] = time.time() - start
     report = {"scores": scores, "seconds": {k: round(v) for k, v in timings.items()}}
     print(json.dumps(report, indent=1))

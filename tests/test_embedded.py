@@ -13,6 +13,7 @@ from openflamingo_hf.embedded import (
     EMBEDDED_MODEL_DIR,
     answer,
     caption,
+    default_caption_prompt,
     follows_format,
     in_context_format_following,
     load_embedded_model,
@@ -22,10 +23,14 @@ from openflamingo_hf.embedded import (
     sample_image_paths,
 )
 from openflamingo_hf.embedded.world import (
+    CHUNK_KINDS,
     COUNTS,
     FORMATS,
     HELD_OUT_SEED_START,
+    chunk_texts,
     make_document,
+    output_caption_text,
+    text_corpus,
     vqa_text,
     write_world_shards,
 )
@@ -75,6 +80,43 @@ def test_documents_keep_one_tag_format():
     for sentences in tags:
         formats = {name for s in sentences for name in FORMATS if follows_format(s[len("Tag: "):], name)}
         assert len(formats) == 1
+
+
+def test_chunks_use_the_processors_prompt_shapes(embedded):
+    _, processor = embedded
+    example = make_examples(1, seed=3)[0]
+    # The released models' prompts come from the processor's templates, with the answer and without (the query).
+    assert chunk_texts(example, "output_caption") == processor.task_text("captioning", example.caption)
+    assert output_caption_text() == processor.task_text("captioning")
+    assert chunk_texts(example, "vqa") == processor.task_text("vqa", example.answer, question=example.question)
+    assert vqa_text(example.question) == processor.task_text("vqa", question=example.question)
+    assert chunk_texts(example, "caption") == example.caption
+    with pytest.raises(ValueError, match="Unknown chunk kind 'story'; use one of caption, output_caption"):
+        chunk_texts(example, "story")
+
+
+def test_every_chunk_kind_is_in_the_documents_and_the_text_corpus():
+    def kind_of(sentence: str) -> str:
+        for prefix, kind in (("Output:", "output_caption"), ("Question:", "vqa"), ("Tag:", "tag")):
+            if sentence.startswith(prefix):
+                return kind
+        return "caption"
+
+    rng = np.random.default_rng(0)
+    documents = [make_document(make_examples(3, seed), rng) for seed in range(40)]
+    assert {kind_of(d["text_list"][0]) for d in documents} == set(CHUNK_KINDS)
+    for document in documents:  # one kind per document
+        assert len({kind_of(sentence) for sentence in document["text_list"]}) == 1
+    assert {kind_of(text) for text in text_corpus(60, seed=1)} == set(CHUNK_KINDS)
+
+
+def test_default_caption_prompt_is_the_released_few_shot_format(embedded):
+    _, processor = embedded
+    captions = sample_captions()
+    expected = processor.task_prompt([processor.task_text("captioning", c) for c in captions[:2]],
+                                     processor.task_text("captioning"))
+    assert default_caption_prompt(processor, 3) == expected
+    assert expected.startswith(f"<image>Output:{captions[0]}<|endofchunk|>") and expected.endswith("<image>Output:")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

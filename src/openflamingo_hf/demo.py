@@ -4,7 +4,7 @@
     python -m openflamingo_hf.demo --model path/or/hub-id --images a.jpg b.jpg query.jpg --captions "a cat." "a dog."
 
 With the embedded model (a tiny OpenFlamingo trained by this package's recipe on a procedural world, see
-`openflamingo_hf.embedded`): zero-shot captions, short VQA answers, and a tag task whose format only the few-shot
+`openflamingo_hf.embedded`): zero-shot captions and short VQA answers with the released models' prompts, and a tag task whose format only the few-shot
 demonstrations give (in-context learning), each checked against the truth; then the same few-shot prompt through
 `pipeline("image-text-to-text")`, which must agree with `model.generate`; and the embedded video variant captioning
 generated clips of a moving shape, forwards and reversed. With `--model`: few-shot captioning of the given images.
@@ -45,15 +45,16 @@ def _mark(ok: bool) -> str:
 
 def run_embedded(args: DemoArguments) -> None:
     from .embedded import answer, caption, load_embedded_model, sample_examples, sample_image_paths
-    from .embedded.world import tag_text
+    from .embedded.world import output_caption_text, tag_text
 
     model, processor = load_embedded_model(args.device)
     paths, examples = sample_image_paths(), sample_examples()
     print(f"The embedded OpenFlamingo ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
           f"{len(paths)} bundled images ({paths[0].rsplit('/', 1)[0]}).\n")
 
-    print("Captions (prompt '<image>'):")
-    for path, example, text in zip(paths, examples, caption(paths, model, processor)):
+    # The released models' zero-shot caption prompt, as `openflamingo generate --prompt` and the README show it.
+    print(f"Captions (prompt '<image>{output_caption_text()}'):")
+    for path, example, text in zip(paths, examples, caption(paths, model, processor, output_caption_text())):
         print(f"  {path.rsplit('/', 1)[-1]:<14} {text!r:<28} [{_mark(text == example.caption)}]")
 
     print("\nQuestions (prompt '<image>Question:... Short answer:'):")

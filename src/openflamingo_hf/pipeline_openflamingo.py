@@ -16,9 +16,11 @@ meaning: this subclass gives each image an empty text, which `OpenFlamingoProces
 pipeline.
 
 Use it directly, `pipeline("image-text-to-text", model=model, processor=processor, pipeline_class=OpenFlamingoPipeline)`
-(or the `image-to-text` task), or through a Hub folder exported with `openflamingo_hf.export_for_hub`, whose
-`config.json` names this class for the `image-to-text` task (`pipeline("image-to-text", model=repo_id,
-trust_remote_code=True)`).
+(not the `image-to-text` task name: transformers 5 maps it to `image-text-to-text` but logs that with a malformed
+logging call, a "--- Logging error ---" traceback on stderr), or through a Hub folder exported with
+`openflamingo_hf.export_for_hub`, whose `config.json` names this class for the `image-to-text` task
+(`pipeline("image-to-text", model=repo_id, trust_remote_code=True)`: a custom task of the folder, which transformers
+looks up before its task-name redirect, so nothing is logged).
 
 This file imports nothing from the `openflamingo_hf` package: it is also shipped alone in remote-code Hub folders.
 """

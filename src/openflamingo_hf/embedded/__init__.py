@@ -30,6 +30,7 @@ from .world import (
     Example,
     make_clips,
     make_examples,
+    output_caption_text,
     reverse_clip,
     tag_text,
     vqa_text,
@@ -103,8 +104,10 @@ def sample_captions() -> list[str]:
 
 
 def default_caption_prompt(processor, num_images: int) -> str:
-    """A few-shot caption prompt for the sample images: the first `num_images - 1` captioned, the last the query."""
-    return processor.few_shot_prompt(sample_captions()[: num_images - 1], "")
+    """A few-shot caption prompt for the sample images in the released models' format: the first `num_images - 1`
+    captioned (`Output:{caption}`), the last the query `Output:`."""
+    demonstrations = [output_caption_text(text) for text in sample_captions()[: num_images - 1]]
+    return processor.few_shot_prompt(demonstrations, output_caption_text())
 
 
 def _model_and_processor(model, processor):
@@ -126,12 +129,13 @@ def _generate(model, processor, images: list, prompts: list[str], max_new_tokens
     return [text.strip() for text in processor.post_process_generation(generated, inputs["input_ids"])]
 
 
-def caption(images: list, model=None, processor=None) -> list[str]:
-    """Captions of `images` (PIL images, arrays or paths), one per image, with the zero-shot prompt `<image>` (the
-    recipe's pair text, `processor.pair_text`, has no prefix before the caption)."""
+def caption(images: list, model=None, processor=None, prompt: str = "") -> list[str]:
+    """Zero-shot captions of `images` (PIL images, arrays or paths), one per image, with the prompt `<image>{prompt}`:
+    by default `<image>` alone, as the recipe's pair text (`processor.pair_text`) and an image-only pipeline or chat
+    request; `prompt="Output:"` is the released models' caption prompt, which the embedded model answers alike."""
     model, processor = _model_and_processor(model, processor)
     images = list(images)
-    return _generate(model, processor, images, [processor.few_shot_prompt([], "")] * len(images), 16)
+    return _generate(model, processor, images, [processor.few_shot_prompt([], prompt)] * len(images), 16)
 
 
 def answer(images: list, questions: list[str], model=None, processor=None) -> list[str]:
@@ -152,20 +156,42 @@ def evaluate_embedded(
     model_dir: str | None = None, seed: int = HELD_OUT_SEED_START + 12345, num_examples: int = 60, shots: int = 4
 ) -> dict:
     """
-    Held-out scores (examples drawn with `seed`, never used in training): exact captions, short VQA answers, and
-    tag-format following with `shots` demonstrations against none (in-context learning).
+    Held-out scores (examples drawn with `seed`, never used in training): exact captions with the bare prompt
+    `<image>`, with the released models' zero-shot `<image>Output:` and with `shots` `Output:` demonstrations; short
+    VQA answers (`Question:... Short answer:`); and tag-format following with `shots` demonstrations against none
+    (in-context learning).
     """
     model, processor = _load(model_dir)
     examples = make_examples(num_examples, seed)
     images = [e.image for e in examples]
-    captions = caption(images, model, processor)
     answers = answer(images, [e.question for e in examples], model, processor)
     scores = {
-        "caption_exact": float(np.mean([c == e.caption for c, e in zip(captions, examples)])),
-        "vqa_exact": float(np.mean([a == e.answer for a, e in zip(answers, examples)])),
+        "caption_exact": _exact(caption(images, model, processor), [e.caption for e in examples]),
+        "caption_output_exact": _exact(caption(images, model, processor, output_caption_text()),
+                                       [e.caption for e in examples]),
+        f"caption_output_exact_{shots}shot": few_shot_caption_accuracy(examples, model, processor, shots, seed),
+        "vqa_exact": _exact(answers, [e.answer for e in examples]),
     }
     scores.update(in_context_format_following(examples, model, processor, shots, seed))
     return scores
+
+
+def _exact(predictions: list[str], truths: list[str]) -> float:
+    return float(np.mean([p == t for p, t in zip(predictions, truths)]))
+
+
+def few_shot_caption_accuracy(examples: list[Example], model, processor, shots: int = 4, seed: int = 0) -> float:
+    """Exact captions of the examples' images with `shots` held-out demonstrations in the released models' format
+    (`<image>Output:{caption}<|endofchunk|>` each, then `<image>Output:`)."""
+    rng = np.random.default_rng([seed, 3])
+    demo_pool = make_examples(4 * len(examples), seed + 2)
+    rows, prompts = [], []
+    for example in examples:
+        demos = [demo_pool[int(i)] for i in rng.choice(len(demo_pool), size=shots, replace=False)]
+        rows.append([d.image for d in demos] + [example.image])
+        prompts.append(processor.few_shot_prompt([output_caption_text(d.caption) for d in demos],
+                                                 output_caption_text()))
+    return _exact(_generate(model, processor, rows, prompts, 16), [e.caption for e in examples])
 
 
 def in_context_format_following(examples: list[Example], model, processor, shots: int = 4, seed: int = 0) -> dict:
@@ -261,6 +287,7 @@ __all__ = [
     "default_caption_prompt",
     "evaluate_embedded",
     "evaluate_embedded_clips",
+    "few_shot_caption_accuracy",
     "load_embedded_model",
     "load_embedded_video_model",
     "make_clips",

@@ -3,9 +3,12 @@ A small procedural image-text world, drawn with PIL: the data the embedded OpenF
 
 Each image shows one to three shapes of one kind and one colour, scattered on a noisy light background:
 
-    caption   "two red circles."          question "What color are the shapes?"  answer "red"
-                                           question "What shape are they?"        answer "circle"
+    caption   "two red circles."          question "What color is the shape?"    answer "red"
+                                           question "What shape is it?"           answer "circle"
                                            question "How many shapes are there?"  answer "two"
+
+Training documents write captions bare (as the recipe's pairs do) and in the released models' prompt
+(`Output:two red circles.`), and questions in their VQA prompt (`Question:What shape is it? Short answer:circle`).
 
 The tag task has no instruction: a tag lists the shape, colour and count in one of several formats (`FORMATS`), and
 only the demonstrations of a prompt say which one to use (in-context learning):
@@ -122,11 +125,19 @@ TAG_PROMPT = "Tag:"
 
 
 def vqa_text(question: str, answer: str = "") -> str:
-    """`Question:{q} Short answer:{a}`: the original's VQA prompt (the processor's `TASK_TEMPLATES["vqa"]`, DESIGN
-    §6); without `answer`, the query."""
+    """`Question:{q} Short answer:{a}`: the released models' VQA prompt (the processor's `TASK_TEMPLATES["vqa"]`);
+    without `answer`, the query."""
     from ..processing.processing_openflamingo import TASK_TEMPLATES
 
     return TASK_TEMPLATES["vqa"].format(question=question, answer=answer)
+
+
+def output_caption_text(caption: str = "") -> str:
+    """`Output:{caption}`: the released models' caption prompt (the processor's `TASK_TEMPLATES["captioning"]`);
+    without `caption`, the query `Output:`."""
+    from ..processing.processing_openflamingo import TASK_TEMPLATES
+
+    return TASK_TEMPLATES["captioning"].format(answer=caption)
 
 
 def tag_text(tag: str = "") -> str:
@@ -134,15 +145,22 @@ def tag_text(tag: str = "") -> str:
     return f"{TAG_PROMPT} {tag}" if tag else TAG_PROMPT
 
 
+# What follows an image in a training document. "caption" is the recipe's bare pair text; "output_caption" and "vqa"
+# are the released models' evaluation prompts, so that the prompts users copy from them work on the embedded model.
+CHUNK_KINDS = ("caption", "output_caption", "vqa", "tag")
+
+
 def chunk_texts(example: Example, kind: str, format_name: str = "dash") -> str:
-    """The text that follows an image in a training document: its caption, a question and answer, or a tag."""
+    """The text that follows an image in a training document (one of `CHUNK_KINDS`)."""
     if kind == "caption":
         return example.caption
+    if kind == "output_caption":
+        return output_caption_text(example.caption)
     if kind == "vqa":
         return vqa_text(example.question, example.answer)
     if kind == "tag":
         return tag_text(example.tag(format_name))
-    raise ValueError(f"Unknown chunk kind {kind!r}; use 'caption', 'vqa' or 'tag'.")
+    raise ValueError(f"Unknown chunk kind {kind!r}; use one of {', '.join(CHUNK_KINDS)}.")
 
 
 def make_document(examples: list[Example], rng: np.random.Generator) -> dict:
@@ -153,7 +171,7 @@ def make_document(examples: list[Example], rng: np.random.Generator) -> dict:
     """
     from ..trainer.shard_writing import encode_image_base64
 
-    kind = ("caption", "vqa", "tag")[int(rng.integers(3))]
+    kind = CHUNK_KINDS[int(rng.integers(len(CHUNK_KINDS)))]
     format_name = list(FORMATS)[int(rng.integers(len(FORMATS)))]
     sentences = [chunk_texts(example, kind, format_name) for example in examples]
     similarity = [[0.9 if j == i else 0.1 for j in range(len(sentences))] for i in range(len(sentences))]
@@ -165,11 +183,11 @@ def make_document(examples: list[Example], rng: np.random.Generator) -> dict:
 
 
 def text_corpus(n: int, seed: int = 0) -> list[str]:
-    """Image-free documents of the world's language (captions, questions and answers, tags), to pretrain the LM."""
+    """Image-free documents of the world's language (every chunk kind of `CHUNK_KINDS`), to pretrain the LM."""
     rng = np.random.default_rng(seed)
     documents = []
     for examples in _groups(make_examples(n, seed, draw_images=False), rng):
-        kind = ("caption", "vqa", "tag")[int(rng.integers(3))]
+        kind = CHUNK_KINDS[int(rng.integers(len(CHUNK_KINDS)))]
         format_name = list(FORMATS)[int(rng.integers(len(FORMATS)))]
         documents.append(" ".join(chunk_texts(example, kind, format_name) for example in examples))
     return documents
@@ -220,21 +238,6 @@ def _write_sharded(folder, prefix, items, shard_size, writer) -> str:
     for count, start in enumerate(range(0, len(items), shard_size), 1):
         writer(os.path.join(folder, f"{prefix}-{count - 1:04d}.tar"), items[start : start + shard_size])
     return os.path.join(folder, f"{prefix}-{{0000..{count - 1:04d}}}.tar")
-
-
-def write_samples(folder, n: int = 6, seed: int = SAMPLE_SEED) -> list[str]:
-    """The bundled sample images (`sample-N.png`, held-out) and their true captions (`captions.txt`, one a line)."""
-    import os
-
-    os.makedirs(folder, exist_ok=True)
-    examples = make_examples(n, seed)
-    paths = []
-    for index, example in enumerate(examples):
-        paths.append(os.path.join(folder, f"sample-{index}.png"))
-        example.image.save(paths[-1])
-    with open(os.path.join(folder, "captions.txt"), "w", encoding="utf-8") as file:
-        file.write("".join(f"{example.caption}\n" for example in examples))
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------------
