@@ -112,8 +112,9 @@ Defaults, so that the command runs out of the box:
             moving left.").
   --image   the bundled sample images. With --prompt: the first N of them, N = the number of <image> markers
             (a prompt without a marker is text only).
-  --prompt  few-shot captioning (openflamingo_hf.embedded.default_caption_prompt, built with the processor's
-            few_shot_prompt): the bundled sample images with their captions are the demonstrations, and
+  --prompt  few-shot captioning in the released models' format, "<image>Output:{caption}<|endofchunk|>" per
+            demonstration and "<image>Output:" for the query (openflamingo_hf.embedded.default_caption_prompt):
+            the bundled sample images with their captions are the demonstrations, and
             - without --image, the last sample image is the query;
             - with --image, each given image is the query in turn (the last sample image replaced by it), and one
               line "IMAGE: answer" is printed per image.
