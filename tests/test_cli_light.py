@@ -62,6 +62,13 @@ def run_command(module: str, *argv: str) -> tuple[int, bool, str]:
         ("openflamingo_hf.cli.main", ["serve", "--port", "70000"], 2),
         ("openflamingo_hf.cli.export", ["--model", "no/such/folder/x", "--output", "out"], 2),
         ("openflamingo_hf.cli.export", ["--bogus"], 2),
+        ("openflamingo_hf.cli.main", ["eval", "--help"], 0),
+        ("openflamingo_hf.cli.main", ["eval", "--shots", "-1"], 2),
+        ("openflamingo_hf.cli.eval", ["--help"], 0),
+        ("openflamingo_hf.cli.eval", ["--bogus"], 2),
+        ("openflamingo_hf.cli.eval", ["--eval_vqav2", "--vqav2_dataset", "data", "--shots", "-1"], 2),
+        ("openflamingo_hf.cli.eval", ["--eval_coco"], 2),
+        ("openflamingo_hf.cli.eval", ["--embedded_world", "world", "--num_trials", "4"], 2),
     ],
 )
 def test_help_version_and_argument_errors_load_no_torch(module, argv, status):

@@ -17,8 +17,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from ..eval.data import PATH_FLAGS, load_benchmark_data, missing_paths
-from ..eval.evaluate import EVAL_TASKS
+# The benchmarks' facts as plain data: `--help` and argument errors load no torch (`eval.evaluate` is imported when a
+# run starts).
+from ..eval.data import load_benchmark_data
+from ..eval.tasks import EVAL_TASKS, PATH_FLAGS, missing_paths
 from ..cpu_threads import THREADS_HELP, set_cpu_threads
 from .parsing import check_hub_reachable, check_model_source, require_extra
 
@@ -91,11 +93,15 @@ def selected_benchmarks(args: EvalArguments, datasets) -> list[str]:
         missing = missing_paths(name, values)
         if missing:
             raise ValueError(f"--eval_{name} needs {', '.join(missing)} (or --{name}_dataset).")
+    return names
+
+
+def check_trial_flags(args: EvalArguments) -> None:
+    """Refuses shot and trial counts no run can use, before the embedded world is written or any file is read."""
     if args.num_trials < 1 or args.num_trials > len(args.trial_seeds):
         raise ValueError(f"--num_trials must be between 1 and the number of --trial_seeds ({len(args.trial_seeds)}).")
     if any(shots < 0 for shots in args.shots):
         raise ValueError(f"--shots must be >= 0, got {args.shots}.")
-    return names
 
 
 def _use_embedded_world(args: EvalArguments, datasets) -> None:
@@ -132,9 +138,9 @@ def _load_model(args: EvalArguments):
 
 def run(args: EvalArguments, datasets) -> dict:
     """Evaluates every selected benchmark; writes and returns `{benchmark: results}` (see `evaluate_benchmark`)."""
-    from ..eval.evaluate import EvalSettings, evaluate_benchmark, results_table
     from ..release_data import published_scores
 
+    check_trial_flags(args)
     if args.embedded_world:
         _use_embedded_world(args, datasets)
     names = selected_benchmarks(args, datasets)
@@ -142,6 +148,9 @@ def run(args: EvalArguments, datasets) -> dict:
         check_model_source("--model", args.model)
         check_hub_reachable("--model", args.model)
     published = published_scores(args.compare_to_release) if args.compare_to_release else None
+    # torch is imported only once the flags hold, so that an argument error answers at once.
+    set_cpu_threads(args.threads)
+    from ..eval.evaluate import EvalSettings, evaluate_benchmark, results_table
     values = dataclasses.asdict(datasets)
     loaded = {name: load_benchmark_data(name, values) for name in names}  # malformed files fail before the model
     model, processor = _load_model(args)
@@ -187,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--results_file {args.results_file} is a folder; give a file name (results.json).")
         # CIDEr, ROC-AUC and OK-VQA's stemming: checked before the data (or the embedded world) and the model.
         require_extra("eval", ["pycocoevalcap", "sklearn", "nltk", "inflection"], PROG)
-        set_cpu_threads(args.threads)
-        run(args, datasets)  # checks the flags (selected_benchmarks) before it loads any file or the model
+        run(args, datasets)  # checks the flags before it imports torch, loads any file or the model
     except (ValueError, OSError, RuntimeError) as error:  # bad files or flags, missing Java / NLTK data
         parser.error(str(error))
     return 0

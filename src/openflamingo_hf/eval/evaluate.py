@@ -16,46 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .example import EvalExample
+from .example import BenchmarkData, EvalExample
+from .tasks import EVAL_TASKS, Benchmark
 
-
-@dataclass(frozen=True)
-class Benchmark:
-    """How one benchmark is prompted, answered and scored."""
-
-    name: str
-    title: str
-    task: str  # a key of the processor's TASK_TEMPLATES
-    metric: str  # "cider", "vqa_accuracy", "roc_auc" or "accuracy"
-    max_new_tokens: int = 0  # generation benchmarks; 0: answered by ranking class names
-    ok_vqa: bool = False  # OK-VQA's answer stemming
-
-
-EVAL_TASKS = {
-    b.name: b
-    for b in (
-        Benchmark("coco", "COCO", "captioning", "cider", 20),
-        Benchmark("flickr30", "Flickr30K", "captioning", "cider", 20),
-        Benchmark("vqav2", "VQAv2", "vqa", "vqa_accuracy", 5),
-        Benchmark("ok_vqa", "OK-VQA", "vqa", "vqa_accuracy", 5, ok_vqa=True),
-        Benchmark("textvqa", "TextVQA", "vqa", "vqa_accuracy", 5),
-        Benchmark("vizwiz", "VizWiz", "vqa", "vqa_accuracy", 5),
-        Benchmark("hateful_memes", "Hateful Memes", "hateful_memes", "roc_auc"),
-        Benchmark("imagenet", "ImageNet", "classification", "accuracy"),
-    )
-}
 HATEFUL_MEMES_CLASSES = ["no", "yes"]
-
-
-@dataclass
-class BenchmarkData:
-    """A benchmark's two splits. `references`: captioning references by id (default: each example's `captions`);
-    `class_names`: ImageNet's classes (default: the labels of both splits, sorted)."""
-
-    train: list[EvalExample]
-    test: list[EvalExample]
-    references: dict[str, list[str]] | None = None
-    class_names: list[str] | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One evaluation example of any benchmark: what every loader returns and the runner, prompts and metrics read."""
+"""One evaluation example of any benchmark (what every loader returns and the runner, prompts and metrics read), and a
+benchmark's two splits of them."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ class EvalExample:
     answers: list[str] = field(default_factory=list)
     label: str | None = None
     ocr: str | None = None
+
+
+@dataclass
+class BenchmarkData:
+    """A benchmark's two splits. `references`: captioning references by id (default: each example's `captions`);
+    `class_names`: ImageNet's classes (default: the labels of both splits, sorted)."""
+
+    train: list[EvalExample]
+    test: list[EvalExample]
+    references: dict[str, list[str]] | None = None
+    class_names: list[str] | None = None
