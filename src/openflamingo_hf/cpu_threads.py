@@ -30,11 +30,11 @@ def default_cpu_threads() -> int:
 def set_cpu_threads(threads: int | None) -> int:
     """Sets torch's intra-op threads: `threads`, else torch's own choice when OMP_NUM_THREADS is set, else
     `default_cpu_threads()`. Returns the number in use."""
+    if threads is not None and threads < 1:  # checked before importing torch: an argument error answers at once
+        raise ValueError(f"--threads must be at least 1, got {threads}.")
     import torch
 
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(default_cpu_threads())
