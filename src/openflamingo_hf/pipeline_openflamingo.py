@@ -3,8 +3,8 @@
 Batches: with `batch_size > 1`, transformers' pipelines process every row on its own and collate the rows by
 concatenating their `pixel_values`, which only works when all rows hold the same number of images (and frames).
 OpenFlamingo rows do not: a few-shot chat, a zero-shot one and a text-only one differ in their image count. This
-subclass carries each row's media past the collation and stacks them itself, per batch, the way
-`OpenFlamingoProcessor` lays out a batch it is given whole: every row padded to the batch's largest image and frame
+subclass carries each row's media past the collation and stacks them per batch with the processor's `stack_media`,
+which also lays out a batch the processor is given whole: every row padded to the batch's largest image and frame
 counts with zero images, a row's k `<image>` markers using its first k slots. So a batch answers exactly as its rows
 run one by one. (The stock `pipeline("image-text-to-text")` batches such rows too when every row is padded to the
 same count up front: `pipe(chats, batch_size=4, processor_kwargs={"max_num_images": 3})`.)
@@ -22,7 +22,9 @@ logging call, a "--- Logging error ---" traceback on stderr), or through a Hub f
 (`pipeline("image-to-text", model=repo_id, trust_remote_code=True)`: a custom task of the folder, which transformers
 looks up before its task-name redirect, so nothing is logged).
 
-This file imports nothing from the `openflamingo_hf` package: it is also shipped alone in remote-code Hub folders.
+This file imports nothing from the `openflamingo_hf` package: it is also shipped in remote-code Hub folders, where the
+processor module is its sibling while in the package it is `processing/processing_openflamingo.py`, so no one relative
+import names it in both. It reaches the processor's code through `self.processor` instead.
 """
 
 from __future__ import annotations
@@ -55,42 +57,25 @@ class _RowMedia:
         self.tensors, self.num_rows = state
 
 
-def stack_row_media(rows: list[_RowMedia], num_images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _real_frames(row: _RowMedia, num_slots: int) -> list[list[torch.Tensor]]:
     """
-    One batch's `pixel_values` (and `frame_mask`) from its rows' media, laid out as `OpenFlamingoProcessor` lays out a
-    batch: `(batch, max images, max frames, 3, H, W)`, zero images padding each row after its own, frames after each
-    medium's own. `num_images` (batch,) holds each row's `<image>` count: slots beyond the largest one are padding in
-    every row and are dropped, so no `image_mask` is needed (the model reads each row's count from its markers).
+    The real frames of each sample of `row`: `[sample][medium]` a `(frames, 3, H, W)` tensor, for its first `num_slots`
+    media (slots beyond the batch's largest `<image>` count are padding in every row). Media without a `frame_mask`
+    are all real frames; a row without `pixel_values` gives its samples no media.
     """
-    pixel_rows = [row.tensors.get("pixel_values") for row in rows]
-    num_slots = int(num_images.max()) if num_images.numel() else 0
-    if num_slots == 0 or all(pixels is None for pixels in pixel_rows):
-        return {}  # no row has an <image> marker (rows padded with `max_num_images` may still carry zero images)
-    # 5-D pixel values are one frame per image.
-    pixel_rows = [p if p is None or p.ndim == 6 else p.unsqueeze(2) for p in pixel_rows]
-    given = [p for p in pixel_rows if p is not None]
-    num_frames = max(p.shape[2] for p in given)
-    image_shape, dtype = given[0].shape[3:], given[0].dtype
-    has_frame_mask = num_frames > 1 or any("frame_mask" in row.tensors for row in rows)
-
-    pixel_values = torch.zeros((sum(row.num_rows for row in rows), num_slots, num_frames, *image_shape), dtype=dtype)
-    frame_mask = torch.zeros(pixel_values.shape[:3], dtype=torch.bool)
-    start = 0
-    for row, pixels in zip(rows, pixel_rows):
-        stop = start + row.num_rows
-        if pixels is not None:
-            slots, frames = min(pixels.shape[1], num_slots), pixels.shape[2]
-            pixel_values[start:stop, :slots, :frames] = pixels[:, :slots]
-            row_mask = row.tensors.get("frame_mask")
-            if row_mask is not None:
-                frame_mask[start:stop, :slots, :frames] = row_mask[:, :slots].bool()
-            else:  # one frame per image, all real
-                frame_mask[start:stop, :slots, :frames] = True
-        start = stop
-    stacked = {"pixel_values": pixel_values}
-    if has_frame_mask:
-        stacked["frame_mask"] = frame_mask
-    return stacked
+    pixels = row.tensors.get("pixel_values")
+    if pixels is None:
+        return [[] for _ in range(row.num_rows)]
+    frame_mask = row.tensors.get("frame_mask")
+    if pixels.ndim == 5:  # one frame per image
+        pixels = pixels.unsqueeze(2)
+        frame_mask = None if frame_mask is None or frame_mask.ndim == 3 else frame_mask.unsqueeze(-1)
+    if frame_mask is None:
+        frame_mask = torch.ones(pixels.shape[:3], dtype=torch.bool)
+    return [
+        [medium[real] for medium, real in zip(sample[:num_slots], sample_mask[:num_slots].bool())]
+        for sample, sample_mask in zip(pixels, frame_mask)
+    ]
 
 
 class OpenFlamingoPipeline(ImageTextToTextPipeline):
@@ -119,9 +104,33 @@ class OpenFlamingoPipeline(ImageTextToTextPipeline):
         rows = media if isinstance(media, list) else [media]  # a list when the pipeline collated several rows
         input_ids = model_inputs["input_ids"]
         num_images = (input_ids == self.processor.image_token_id).sum(dim=-1)
-        for key, value in stack_row_media(rows, num_images.cpu()).items():
+        for key, value in self._stack_row_media(rows, num_images.cpu()).items():
             model_inputs[key] = value.to(input_ids.device)
         return super()._forward(model_inputs, generate_kwargs)
+
+    def _stack_row_media(self, rows: list[_RowMedia], num_images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """
+        One batch's `pixel_values` (and `frame_mask`) from its rows' media, laid out by the processor's `stack_media`
+        as it lays out a batch given whole: `(batch, max images, max frames, 3, H, W)`, zero images padding each row
+        after its own, zero frames each medium after its own. `num_images` (batch,) holds each row's `<image>`
+        count: slots beyond the largest one are padding in every row and are dropped, so no `image_mask` is needed
+        (the model reads each row's count from its markers). `frame_mask` is returned when some medium has several
+        frames or a row brought one.
+        """
+        num_slots = int(num_images.max()) if num_images.numel() else 0
+        given = [row.tensors["pixel_values"] for row in rows if row.tensors.get("pixel_values") is not None]
+        if num_slots == 0 or not given:
+            return {}  # no row has an <image> marker (rows padded with `max_num_images` may still carry zero images)
+        # As many frames as the rows' tensors have, real or padding (5-D pixel values are one frame per image).
+        num_frames = max(pixels.shape[2] if pixels.ndim == 6 else 1 for pixels in given)
+        samples = [sample for row in rows for sample in _real_frames(row, num_slots)]
+        pixel_values, frame_mask = self.processor.stack_media(
+            samples, like=given[0], num_slots=num_slots, num_frames=num_frames
+        )
+        stacked = {"pixel_values": pixel_values}
+        if num_frames > 1 or any("frame_mask" in row.tensors for row in rows):
+            stacked["frame_mask"] = frame_mask
+        return stacked
 
 
 __all__ = ["OpenFlamingoPipeline"]

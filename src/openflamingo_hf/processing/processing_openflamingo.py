@@ -1015,6 +1015,17 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return outputs, []
 
     @staticmethod
+    def stack_media(
+        rows: list[list[torch.Tensor]], like: torch.Tensor, num_slots: int = 0, num_frames: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        This module's `stack_media`, reachable from a processor instance: `OpenFlamingoPipeline` lays out its batches
+        with it but cannot import this module, whose relative path from the pipeline's file differs between the
+        package (`processing/`) and a flat remote-code Hub folder.
+        """
+        return stack_media(rows, like, num_slots=num_slots, num_frames=num_frames)
+
+    @staticmethod
     def _blank_image() -> PIL.Image.Image:
         """A stand-in for the image processor when a `max_num_images` call has no image at all: only the shape of
         its output is used (for the all-zero padding)."""
